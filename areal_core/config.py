@@ -1,0 +1,137 @@
+"""The configuration tree of a run, with its defaults (DESIGN.md, "Configuration").
+
+Plain attrs classes: field validators check types and ranges of single values as the tree is
+built (``areal_core.config_loader``); the rules that need the registry or the model directory
+(pair supported, rank allowed by the server, target modules present) live in
+``areal_core.validation``. Every class is frozen: a run's configuration does not change.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+ALL_LINEAR = "all-linear"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _list_of_str(value) -> list[str]:
+    return list(value) if value is not None else []
+
+
+@attrs.frozen
+class OptimizerConfig:
+    """AdamW over the trainable parameters."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.99), converter=tuple)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@attrs.frozen
+class ActorConfig:
+    """The training engine and the LoRA adapter it trains."""
+
+    backend: str = "fsdp2"
+    path: str = ""  # local HF model directory (config.json + *.safetensors)
+    dtype: str = "float32"  # dtype of the base weights as loaded
+    world_size: int = 1  # training ranks started by `areal train` on this machine
+    device: str = "auto"  # auto | cpu | cuda
+    use_lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: float = 32
+    target_modules: list[str] = attrs.field(factory=lambda: [ALL_LINEAR], converter=_list_of_str)
+    peft_type: str = "lora"
+    full_finetune: bool = False  # train every parameter (for comparison); exports no adapter
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    gradient_checkpointing: bool = False
+    param_dtype: str = ""  # FSDP2 mixed precision: compute dtype of parameters ("" = as loaded)
+    reduce_dtype: str = "float32"  # FSDP2 mixed precision: gradient reduction dtype
+    max_tokens_per_microbatch: int = 8192
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1  # engines with tensor parallelism (megatron)
+
+    @property
+    def resolved_target_modules(self) -> list[str]:
+        """``[]`` means ``[all-linear]``, as in the reference system."""
+        return list(self.target_modules) or [ALL_LINEAR]
+
+
+@attrs.frozen
+class RolloutConfig:
+    """The inference servers that generate rollouts."""
+
+    backend: str = "vllm"
+    servers: list[str] = attrs.field(factory=list, converter=_list_of_str)  # empty: launch one
+    max_head_offpolicyness: int = 0
+    max_loras: int = 0  # adapters live at once on a server; 0 = derived from the window
+    dtype: str = "float32"
+    max_model_len: int = 256
+    max_num_seqs: int = 32
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    host: str = "127.0.0.1"  # where a launched server binds
+    startup_timeout: float = 300.0
+    request_timeout: float = 120.0
+    max_concurrent_requests: int = 32
+    api_key_env: str = ""  # name of the environment variable holding a remote server's API key
+    extra_args: list[str] = attrs.field(factory=list, converter=_list_of_str)
+
+
+@attrs.frozen
+class GenerationConfig:
+    """How rollouts are sampled."""
+
+    n_samples: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    lora_name: str = "lora"
+
+
+@attrs.frozen
+class TrainConfig:
+    """The GRPO loop."""
+
+    steps: int = 20
+    batch_size: int = 16  # prompts per step (each sampled gconfig.n_samples times)
+    seed: int = 1
+    eval_every: int = 10
+    eval_size: int = 0  # held-out prompts evaluated (0 = the dataset's whole eval split)
+    agreement_tolerance: float = 1e-4
+    ppo_clip: float = 0.2
+    kl_coef: float = 0.0
+    keep_adapters: int = 0  # adapter directories kept on disk (0 = all)
+    checkpoint_every: int = 0  # steps between checkpoints (0 = at the end only)
+
+
+@attrs.frozen
+class DatasetConfig:
+    """Where prompts come from: a built-in name or an import path ``module:function``."""
+
+    name: str = "arithmetic"
+    path: str = ""
+    options: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RewardConfig:
+    """How a completion is scored: a built-in name or an import path ``module:function``."""
+
+    name: str = "arithmetic"
+    options: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class RunConfig:
+    """The whole configuration of ``areal train``."""
+
+    actor: ActorConfig = attrs.field(factory=ActorConfig)
+    rollout: RolloutConfig = attrs.field(factory=RolloutConfig)
+    gconfig: GenerationConfig = attrs.field(factory=GenerationConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    dataset: DatasetConfig = attrs.field(factory=DatasetConfig)
+    reward: RewardConfig = attrs.field(factory=RewardConfig)
+    output_dir: str = "runs/default"
+    resume: bool = False

@@ -1,0 +1,3 @@
+"""Megatron-core training engine for areal."""
+
+__version__ = "0.1.0"
