@@ -1,0 +1,120 @@
+"""The ``areal`` command: plugins, matrix, check, train.
+
+Start-up stays light: ``areal plugins`` and ``areal matrix`` import no torch; ``train`` imports
+its machinery only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _registry():
+    from areal_core.registry import default_registry
+
+    return default_registry()
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    records = _registry().plugins()
+    if args.json:
+        print(json.dumps({"plugins": [r.to_dict() for r in records]}, indent=2))
+        return 0
+    if not records:
+        print("no areal plugins installed (pip install 'areal-core[fsdp2,vllm]')")
+        return 0
+    width = max(len(r.name) for r in records)
+    for r in records:
+        detail = f"provides {', '.join(r.provides) or 'nothing'}" if r.status == "ok" else r.error
+        print(f"{r.name:<{width}}  {r.distribution} {r.version}  {r.status}  {detail}")
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    registry = _registry()
+    matrix = registry.matrix
+    if args.json:
+        data = matrix.to_dict()
+        data["broken_plugins"] = [r.to_dict() for r in registry.plugins() if r.status == "broken"]
+        print(json.dumps(data, indent=2))
+        return 0
+    print(matrix.to_markdown())
+    broken = [r for r in registry.plugins() if r.status == "broken"]
+    for record in broken:
+        print(f"\nbroken plugin {record.name} ({record.distribution}): {record.error}")
+    return 0
+
+
+def check_config(config_path: str | None, overrides: list[str]):
+    """(config, errors) after loading and every validation rule."""
+    from areal_core.config_loader import load_config
+    from areal_core.validation import validate
+
+    config, errors = load_config(config_path, overrides)
+    errors += [e for e in validate(config, _registry()) if e not in errors]
+    return config, errors
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config, errors = check_config(args.config, args.overrides)
+    if args.json:
+        print(json.dumps({"ok": not errors, "errors": [
+            {"key": e.key, "value": repr(e.value), "problem": e.problem, "fix": e.fix} for e in errors
+        ]}, indent=2))
+        return 1 if errors else 0
+    if errors:
+        print(f"areal check: {len(errors)} problem(s); the run cannot start:", file=sys.stderr)
+        for error in errors:
+            print(f"  - {error}", file=sys.stderr)
+        return 1
+    a, r = config.actor, config.rollout
+    print(f"areal check: ok: {a.backend} x {r.backend}, LoRA rank {a.lora_rank}, alpha {a.lora_alpha}, "
+          f"target modules {a.resolved_target_modules}, {a.world_size} training rank(s)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config, errors = check_config(args.config, args.overrides)
+    if errors:
+        print(f"areal train: {len(errors)} configuration problem(s); nothing was started:", file=sys.stderr)
+        for error in errors:
+            print(f"  - {error}", file=sys.stderr)
+        return 1
+    from areal_core.launcher import launch
+
+    return launch(config, args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="areal", description="LoRA fine-tuning for RL of LLMs (GRPO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="installed plugins, versions and status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("matrix", help="the LoRA support matrix of what is installed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_matrix)
+    for name, func, text in (("check", cmd_check, "validate a run before starting it"),
+                             ("train", cmd_train, "run GRPO with LoRA")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="YAML configuration file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. actor.lora_rank=8")
+        if name == "check":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `areal matrix | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The rules ``areal check`` applies before anything heavy starts.
+
+``validate(config, registry)`` returns every problem as a ``ConfigError`` (key, bad value, fix):
+ranges of single values, the model directory, the chosen engine and server (installed, LoRA
+ready, the pair supported, the rank and target modules servable), then each chosen plugin's own
+``areal_validate_config`` hook. Nothing here loads a model or starts a process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from areal_core.config import ALL_LINEAR, DTYPES, RunConfig
+from areal_core.declarations import ENGINE, SERVER
+from areal_core.errors import ConfigError
+from areal_core.registry import Registry
+
+#: config.json keys whose presence (with a value > 0) marks a mixture-of-experts model.
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                   "num_experts_per_tok")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LORA_NAME = re.compile(r"^[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*$")
+_ADDRESS = re.compile(r"^(https?://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}/?$")
+
+
+def _check(errors: list[ConfigError], ok: bool, key: str, value, problem: str, fix: str) -> None:
+    if not ok:
+        errors.append(ConfigError(key, value, problem, fix))
+
+
+def check_values(config: RunConfig) -> list[ConfigError]:
+    """Ranges and choices of single values."""
+    errors: list[ConfigError] = []
+    a, r, g, t = config.actor, config.rollout, config.gconfig, config.train
+    _check(errors, a.use_lora, "actor.use_lora", a.use_lora,
+           "this project trains LoRA adapters; full-model RL training is not offered",
+           "set actor.use_lora=true (and choose lora_rank, lora_alpha, target_modules)")
+    _check(errors, a.lora_rank >= 1, "actor.lora_rank", a.lora_rank, "the LoRA rank must be >= 1",
+           "use a rank such as 8, 16 or 32")
+    _check(errors, a.lora_alpha > 0, "actor.lora_alpha", a.lora_alpha, "lora_alpha must be > 0",
+           "use e.g. twice the rank (lora_alpha: 32 for lora_rank: 16)")
+    _check(errors, a.peft_type.lower() == "lora", "actor.peft_type", a.peft_type,
+           "only LoRA adapters are supported", "set actor.peft_type=lora")
+    for i, module in enumerate(a.target_modules):
+        if module == ALL_LINEAR:
+            continue
+        _check(errors, bool(_MODULE_NAME.match(module)), f"actor.target_modules[{i}]", module,
+               "target modules are short module names (regexes and dotted paths are not accepted)",
+               "write names such as q_proj, v_proj, or [all-linear]")
+    if ALL_LINEAR in a.target_modules and len(a.target_modules) > 1:
+        errors.append(ConfigError("actor.target_modules", a.target_modules,
+                                  "all-linear cannot be combined with other names",
+                                  "use [all-linear] alone or list the names"))
+    _check(errors, a.dtype in DTYPES, "actor.dtype", a.dtype, "unknown dtype",
+           f"use one of {', '.join(DTYPES)}")
+    _check(errors, a.param_dtype in ("",) + DTYPES, "actor.param_dtype", a.param_dtype,
+           "unknown dtype", f"use '' (as loaded) or one of {', '.join(DTYPES)}")
+    _check(errors, a.reduce_dtype in DTYPES, "actor.reduce_dtype", a.reduce_dtype, "unknown dtype",
+           f"use one of {', '.join(DTYPES)}")
+    _check(errors, a.world_size >= 1, "actor.world_size", a.world_size,
+           "the number of training ranks must be >= 1", "set actor.world_size=1 or more")
+    _check(errors, a.device in ("auto", "cpu", "cuda"), "actor.device", a.device, "unknown device",
+           "use auto, cpu or cuda")
+    _check(errors, a.max_tokens_per_microbatch >= 1, "actor.max_tokens_per_microbatch",
+           a.max_tokens_per_microbatch, "the micro-batch token budget must be >= 1", "use e.g. 8192")
+    _check(errors, a.tensor_parallel_size >= 1 and a.world_size % max(a.tensor_parallel_size, 1) == 0,
+           "actor.tensor_parallel_size", a.tensor_parallel_size,
+           "tensor parallel size must be >= 1 and divide actor.world_size",
+           f"choose a divisor of world_size={a.world_size}")
+    _check(errors, a.optimizer.lr > 0, "actor.optimizer.lr", a.optimizer.lr,
+           "the learning rate must be > 0", "LoRA usually wants about 10x full fine-tuning's rate, e.g. 1e-4 to 1e-3")
+    _check(errors, a.optimizer.grad_clip >= 0, "actor.optimizer.grad_clip", a.optimizer.grad_clip,
+           "must be >= 0", "use 1.0, or 0 to disable clipping")
+    _check(errors, all(0 <= b < 1 for b in a.optimizer.betas), "actor.optimizer.betas",
+           a.optimizer.betas, "Adam betas must lie in [0, 1)", "use e.g. [0.9, 0.99]")
+    _check(errors, a.optimizer.weight_decay >= 0, "actor.optimizer.weight_decay",
+           a.optimizer.weight_decay, "must be >= 0", "use 0 or a small value such as 0.01")
+
+    _check(errors, r.max_head_offpolicyness >= 0, "rollout.max_head_offpolicyness",
+           r.max_head_offpolicyness, "must be >= 0", "use 0 for synchronous rollouts")
+    _check(errors, r.max_loras >= 0, "rollout.max_loras", r.max_loras, "must be >= 0",
+           "use 0 to derive it from the staleness window")
+    for i, address in enumerate(r.servers):
+        _check(errors, bool(_ADDRESS.match(address)), f"rollout.servers[{i}]", address,
+               "not a server address", "write host:port or http://host:port")
+    for key in ("startup_timeout", "request_timeout"):
+        value = getattr(r, key)
+        _check(errors, value > 0, f"rollout.{key}", value, "must be > 0 seconds", "use e.g. 300")
+    _check(errors, r.max_concurrent_requests >= 1, "rollout.max_concurrent_requests",
+           r.max_concurrent_requests, "must be >= 1", "use e.g. 32")
+    _check(errors, r.max_model_len >= 2, "rollout.max_model_len", r.max_model_len, "must be >= 2",
+           "use the longest prompt + max_new_tokens, e.g. 256")
+
+    _check(errors, g.n_samples >= 2, "gconfig.n_samples", g.n_samples,
+           "GRPO needs at least 2 samples per prompt to form a group advantage", "use e.g. 8")
+    _check(errors, g.max_new_tokens >= 1, "gconfig.max_new_tokens", g.max_new_tokens, "must be >= 1",
+           "use e.g. 16")
+    _check(errors, g.temperature > 0, "gconfig.temperature", g.temperature,
+           "rollouts must be sampled (temperature > 0)", "use 1.0 to sample the policy itself")
+    _check(errors, 0 < g.top_p <= 1, "gconfig.top_p", g.top_p, "must lie in (0, 1]", "use 1.0")
+    _check(errors, g.top_k >= 0, "gconfig.top_k", g.top_k, "must be >= 0", "use 0 (off)")
+    _check(errors, bool(_LORA_NAME.match(g.lora_name)), "gconfig.lora_name", g.lora_name,
+           "adapter names use letters, digits, '_', '.' and '-'", "use e.g. lora")
+    if g.max_new_tokens >= r.max_model_len:
+        errors.append(ConfigError("gconfig.max_new_tokens", g.max_new_tokens,
+                                  f"must be below rollout.max_model_len ({r.max_model_len})",
+                                  "raise rollout.max_model_len or lower max_new_tokens"))
+
+    _check(errors, t.steps >= 1, "train.steps", t.steps, "must be >= 1", "use e.g. 50")
+    _check(errors, t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1",
+           "use e.g. 16 prompts per step")
+    _check(errors, t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0",
+           "use 0 to evaluate only at the start and the end")
+    _check(errors, t.agreement_tolerance > 0, "train.agreement_tolerance", t.agreement_tolerance,
+           "must be > 0", "use 1e-4 for float32, about 5e-2 for bfloat16")
+    _check(errors, t.ppo_clip > 0, "train.ppo_clip", t.ppo_clip, "must be > 0", "use 0.2")
+    _check(errors, t.kl_coef >= 0, "train.kl_coef", t.kl_coef, "must be >= 0", "use 0 to disable KL")
+    _check(errors, t.keep_adapters >= 0, "train.keep_adapters", t.keep_adapters, "must be >= 0",
+           "use 0 to keep every adapter version")
+    _check(errors, t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
+           "must be >= 0", "use 0 to checkpoint only at the end")
+    _check(errors, bool(config.output_dir), "output_dir", config.output_dir, "must be set",
+           "give a directory for the run, e.g. runs/my-run")
+    return errors
+
+
+def read_model_config(path: str) -> dict | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_model_dir(config: RunConfig) -> list[ConfigError]:
+    """The base model directory: present, HF layout, safetensors, dense, no remote code unasked."""
+    path = config.actor.path
+    if not path:
+        return [ConfigError("actor.path", path, "no base model given",
+                            "set actor.path to a local Hugging Face model directory")]
+    directory = Path(path)
+    if not directory.is_dir():
+        return [ConfigError("actor.path", path, "model directory does not exist",
+                            "give a local directory holding config.json and *.safetensors (no hub downloads)")]
+    errors: list[ConfigError] = []
+    model_config = read_model_config(path)
+    if model_config is None:
+        errors.append(ConfigError("actor.path", path, "no readable config.json in the model directory",
+                                  "point at a Hugging Face model directory"))
+    if not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        detail = f" (found pickled {', '.join(pickled)})" if pickled else ""
+        errors.append(ConfigError("actor.path", path, f"the model directory holds no *.safetensors{detail}",
+                                  "convert the weights with save_pretrained(safe_serialization=True)"))
+    if model_config:
+        experts = {k: model_config[k] for k in MOE_CONFIG_KEYS if model_config.get(k)}
+        if experts:
+            errors.append(ConfigError("actor.path", path,
+                                      f"mixture-of-experts model ({', '.join(f'{k}={v}' for k, v in experts.items())}): "
+                                      "LoRA is supported for dense models only", "use a dense model"))
+        if model_config.get("auto_map") and not config.actor.trust_remote_code:
+            errors.append(ConfigError("actor.trust_remote_code", False,
+                                      "the model needs its own code (config.json has auto_map)",
+                                      "read that code, then set actor.trust_remote_code=true"))
+    return errors
+
+
+def check_backends(config: RunConfig, registry: Registry) -> list[ConfigError]:
+    """The chosen engine and server: installed, LoRA ready, paired, rank and modules servable."""
+    errors: list[ConfigError] = []
+    engine_name, server_name = config.actor.backend, config.rollout.backend
+    engine = registry.declaration(engine_name)
+    server = registry.declaration(server_name)
+    broken = {p.name: p.error for p in registry.plugins() if p.status == "broken"}
+    for key, name, decl, kind, installed in (
+        ("actor.backend", engine_name, engine, ENGINE, registry.engines()),
+        ("rollout.backend", server_name, server, SERVER, registry.servers()),
+    ):
+        if decl is None:
+            hint = f"; plugin {name!r} is installed but broken: {broken[name]}" if name in broken else ""
+            errors.append(ConfigError(key, name, f"no installed {kind} of that name{hint}",
+                                      f"install areal-core[{name}] or choose one of: {', '.join(installed) or 'none'}"))
+        elif decl.kind != kind:
+            errors.append(ConfigError(key, name, f"{name} is a {decl.kind}, not an {kind}",
+                                      f"choose one of: {', '.join(installed) or 'none'}"))
+    if errors:
+        return errors
+    if not registry.supports(engine_name, server_name):
+        errors.append(ConfigError("actor.backend/rollout.backend", f"{engine_name} x {server_name}",
+                                  f"this combination is not supported: {registry.why_not(engine_name, server_name)}",
+                                  "choose a supported pair (see `areal matrix`)"))
+        return errors
+    rank = config.actor.lora_rank
+    for decl in (engine, server):
+        lora = decl.lora
+        key = "actor.lora_rank"
+        if lora.max_rank is not None and rank > lora.max_rank:
+            errors.append(ConfigError(key, rank, f"{decl.kind} {decl.name} handles ranks up to {lora.max_rank}",
+                                      f"use lora_rank <= {lora.max_rank}"))
+    bad = sorted(set(config.actor.target_modules) & set(server.lora.unservable_modules))
+    if bad:
+        errors.append(ConfigError("actor.target_modules", bad,
+                                  f"server {server.name} cannot serve LoRA on {', '.join(bad)}",
+                                  "target linear projections only (e.g. [all-linear])"))
+    return errors
+
+
+def validate(config: RunConfig, registry: Registry) -> list[ConfigError]:
+    """Every problem with ``config``; an empty list means the run can start."""
+    errors = check_values(config) + check_model_dir(config)
+    backend_errors = check_backends(config, registry)
+    errors += backend_errors
+    if not backend_errors:
+        for key, backend in (("actor.backend", config.actor.backend),
+                             ("rollout.backend", config.rollout.backend)):
+            try:
+                found = registry.manager.hook.areal_validate_config(backend=backend, config=config)
+            except Exception as exc:  # a plugin's own checks crashing is itself a finding
+                found = [ConfigError(key, backend, f"the {backend} plugin's checks failed: {exc!r}",
+                                     "report this to the plugin's authors")]
+            errors += [e for e in (found or []) if e not in errors]
+    return errors
