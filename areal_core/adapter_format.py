@@ -194,13 +194,21 @@ def verify_adapter_dir(directory: str | os.PathLike) -> dict:
         raise AdapterError(f"{path / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
     from safetensors import safe_open
 
+    modules = set()
     with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
         for key in handle.keys():
             module, which = parse_peft_key(key)
+            modules.add(module.rsplit(".", 1)[-1])
             shape = handle.get_slice(key).get_shape()
             r = shape[0] if which == "A" else shape[1]
             if r != config.get("r"):
                 raise AdapterError(
                     f"{path}: tensor {key} has rank {r} but adapter_config.json says r={config.get('r')}"
                 )
+    declared = config.get("target_modules")
+    if isinstance(declared, list) and set(declared) != modules:
+        raise AdapterError(
+            f"{path}: adapter_config.json target_modules {sorted(declared)} disagree with the "
+            f"tensors, which adapt {sorted(modules)}"
+        )
     return config
