@@ -1,0 +1,10 @@
+"""GRPO with LoRA: the loop `areal train` runs on every training rank.
+
+advantages.py  group-normalised advantages
+loss.py        the PPO-clip (+ optional KL) loss handed to Engine.train_step
+batch.py       rollouts -> the training batch every rank receives
+publisher.py   rank 0's side of the servers: versioned loading, unloading, generation
+run_dir.py     metrics.jsonl, adapters, logs and the plot of a run
+loop.py        the synchronous GRPO loop over the core's interfaces
+worker.py      the per-rank program started by the launcher (torchrun)
+"""

@@ -1,0 +1,205 @@
+"""Synchronous GRPO with LoRA over the core's interfaces.
+
+Per step: rollouts from the live version (every request names it) -> rewards -> group-normalised
+advantages -> PPO-clip loss over the adapter (behaviour log-probabilities from the server, ratio
+against the trainer's, optional KL to the base with the adapter disabled) -> optimizer step ->
+export -> load as the next version -> agreement check. Every rank runs this function; rank 0 alone
+talks to the servers and broadcasts the batch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Callable
+
+from areal_core.agreement import check_agreement, probe_sequence
+from areal_core.config import RunConfig
+from areal_core.grpo.batch import build_items, shard_for_rank
+from areal_core.grpo.comm import Comm
+from areal_core.grpo.loss import make_grpo_loss
+from areal_core.grpo.publisher import AdapterPublisher
+from areal_core.grpo.run_dir import RunDirectory
+from areal_core.interfaces import Engine, SamplingParams
+from areal_core.registry import Registry
+
+PROBE_TOKENS = 64
+
+
+class GRPOLoop:
+    def __init__(self, config: RunConfig, registry: Registry, engine: Engine, comm: Comm,
+                 run_dir: RunDirectory, dataset, reward_fn: Callable,
+                 publisher: AdapterPublisher | None = None, progress: bool = True):
+        self.config = config
+        self.registry = registry
+        self.engine = engine
+        self.comm = comm
+        self.run_dir = run_dir
+        self.dataset = dataset
+        self.reward_fn = reward_fn
+        self.publisher = publisher
+        self.progress = progress and comm.is_leader
+        if comm.is_leader and publisher is None:
+            raise ValueError("rank 0 needs the rollout publisher")
+        probe_len = min(PROBE_TOKENS, config.rollout.max_model_len - 2)
+        self.probe = probe_sequence(dataset.eval_records(), probe_len)
+        self.version = -1
+        self.position = 0
+        self.first_eval: float | None = None
+        self.last_eval: float | None = None
+
+    # --- the LoRA steps, through the hooks ----------------------------------------------------
+
+    def export_and_publish(self, version: int) -> dict:
+        """Export ``version`` on every rank, load it on the servers (rank 0), check agreement."""
+        actor = self.config.actor
+        start = time.perf_counter()
+        adapter = self.registry.call("areal_export_adapter", actor.backend, engine=self.engine,
+                                     directory=str(self.run_dir.adapter_dir(version)), version=version)
+        export_seconds = time.perf_counter() - start
+        load_seconds = 0.0
+        if self.comm.is_leader:
+            _, load_seconds = self.publisher.publish(adapter)
+            self.run_dir.append_events(self.publisher.log)
+            self.publisher.log.clear()
+        self.version = version
+        start = time.perf_counter()
+        trainer = self.engine.compute_logprobs([self.probe])[0].tolist()
+        difference = None
+        if self.comm.is_leader:
+            server = self.publisher.prompt_logprobs(self.probe, version)
+            difference = check_agreement(server, trainer, self.config.train.agreement_tolerance,
+                                         f"adapter version {version}")
+        self._prune_adapters()
+        return {
+            "export_seconds": export_seconds,
+            "load_seconds": load_seconds,
+            "sync_seconds": export_seconds + load_seconds,
+            "agreement_seconds": time.perf_counter() - start,
+            "agreement_max_abs": difference,
+            "adapter_bytes": adapter.num_bytes,
+        }
+
+    def _prune_adapters(self) -> None:
+        keep = self.config.train.keep_adapters
+        if not keep or not self.comm.is_leader:
+            return
+        live = set(self.publisher.versions.loaded())
+        for path in self.run_dir.adapters.glob("v*"):
+            version = int(path.name[1:]) if path.name[1:].isdigit() else None
+            if version is not None and version <= self.version - keep and version not in live:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # --- rollouts and evaluation (rank 0) ---------------------------------------------------------
+
+    def sampling(self) -> SamplingParams:
+        g = self.config.gconfig
+        return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                              top_p=g.top_p, top_k=g.top_k)
+
+    def evaluate(self) -> float:
+        """Greedy held-out accuracy of the live version (mean reward over the eval split)."""
+        records = self.dataset.eval_records(self.config.train.eval_size)
+        greedy = SamplingParams(max_new_tokens=self.config.gconfig.max_new_tokens, temperature=0.0)
+        groups = self.publisher.generate([r["prompt_ids"] for r in records], self.version, 1, greedy)
+        return sum(self.reward_fn(r, g[0].output_ids) for r, g in zip(records, groups)) / len(records)
+
+    def rollouts(self):
+        g, t = self.config.gconfig, self.config.train
+        records = self.dataset.train_batch(self.position, t.batch_size)
+        self.position += t.batch_size
+        groups = self.publisher.generate([r["prompt_ids"] for r in records], self.version,
+                                         g.n_samples, self.sampling())
+        rewards = [[float(self.reward_fn(r, s.output_ids)) for s in group] for r, group in zip(records, groups)]
+        return groups, rewards
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def train_on(self, items) -> dict:
+        t = self.config.train
+        mine = shard_for_rank(items, self.comm.rank, self.comm.world_size)
+        total_tokens = sum(item.num_completion_tokens for item in items)
+        sequences = [list(item.tokens) for item in mine]
+        reference = None
+        if t.kl_coef > 0:
+            reference = self.engine.compute_logprobs(sequences, disable_adapter=True)
+        loss_fn = make_grpo_loss(mine, total_tokens=max(total_tokens, 1), clip=t.ppo_clip,
+                                 kl_coef=t.kl_coef, reference_logprobs=reference)
+        result = self.engine.train_step(sequences, loss_fn)
+        summed = self.comm.sum({k: result.get(k, 0.0) for k in ("loss", "clip_fraction", "kl")})
+        summed["grad_norm"] = result.get("grad_norm")
+        return summed
+
+    def step(self, step: int) -> dict:
+        started = time.time()
+        timer = time.perf_counter()
+        payload = None
+        if self.comm.is_leader:
+            groups, rewards = self.rollouts()
+            flat = [r for group in rewards for r in group]
+            payload = {
+                "items": build_items(groups, rewards),
+                "reward_mean": sum(flat) / len(flat),
+                "accuracy": sum(1.0 for r in flat if r >= 1.0) / len(flat),
+                "rollout_versions": sorted({s.version for group in groups for s in group}),
+                "position": self.position,
+            }
+        generation_seconds = time.perf_counter() - timer
+        payload = self.comm.broadcast(payload)
+        self.position = payload["position"]
+        timer = time.perf_counter()
+        train_metrics = self.train_on(payload["items"])
+        train_seconds = time.perf_counter() - timer
+        sync = self.export_and_publish(self.version + 1)
+        record = {
+            "step": step,
+            "version": self.version,
+            "rollout_versions": payload["rollout_versions"],
+            "reward_mean": payload["reward_mean"],
+            "accuracy": payload["accuracy"],
+            "num_samples": sum(1 for _ in payload["items"]),
+            "generation_seconds": generation_seconds,
+            "train_seconds": train_seconds,
+            "data_position": self.position,
+            "started_at": started,
+            **train_metrics,
+            **sync,
+        }
+        if self.comm.is_leader:
+            eval_every = self.config.train.eval_every
+            if step == self.config.train.steps or (eval_every and step % eval_every == 0):
+                timer = time.perf_counter()
+                record["eval_accuracy"] = self.last_eval = self.evaluate()
+                record["eval_seconds"] = time.perf_counter() - timer
+        record["step_seconds"] = time.time() - started
+        record["finished_at"] = time.time()
+        return record
+
+    def run(self) -> dict:
+        steps = self.config.train.steps
+        sync = self.export_and_publish(0)
+        if self.comm.is_leader:
+            self.first_eval = self.last_eval = self.evaluate()
+            self.run_dir.append_metrics({"step": 0, "version": 0, "eval_accuracy": self.first_eval,
+                                         "agreement_max_abs": sync["agreement_max_abs"],
+                                         "sync_seconds": sync["sync_seconds"]})
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc="GRPO", unit="step", dynamic_ncols=True)
+        for step in range(1, steps + 1):
+            record = self.step(step)
+            if self.comm.is_leader:
+                self.run_dir.append_metrics(record)
+                self.run_dir.plot()
+                if bar is not None:
+                    postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
+                               "step_s": f"{record['step_seconds']:.1f}"}
+                    if "eval_accuracy" in record:
+                        postfix["eval"] = f"{record['eval_accuracy']:.3f}"
+                    bar.set_postfix(postfix)
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return {"first_eval": self.first_eval, "last_eval": self.last_eval, "version": self.version}

@@ -1,0 +1,83 @@
+"""The run directory (``output_dir``): what a user keeps from a run.
+
+    config.yaml        the resolved configuration
+    metrics.jsonl      one JSON object per step (appended and flushed as the run goes)
+    adapters/v<N>/     the PEFT adapter of each kept version
+    logs/              the rollout servers' logs
+    plot.png           reward and accuracy against step, redrawn after every step
+    events.jsonl       adapter loads and unloads on the servers, in order
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class RunDirectory:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).absolute()
+        self.adapters = self.root / "adapters"
+        self.logs = self.root / "logs"
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics_path = self.root / "metrics.jsonl"
+        self.events_path = self.root / "events.jsonl"
+        self.plot_path = self.root / "plot.png"
+
+    def create(self) -> "RunDirectory":
+        for path in (self.root, self.adapters, self.logs, self.checkpoints):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def adapter_dir(self, version: int) -> Path:
+        return self.adapters / f"v{version}"
+
+    def write_config(self, data: dict) -> None:
+        import yaml
+
+        (self.root / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def append_events(self, events: list[dict]) -> None:
+        if not events:
+            return
+        with open(self.events_path, "a") as handle:
+            for event in events:
+                handle.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def plot(self) -> None:
+        """Reward and accuracy against step (and eval accuracy where measured), as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.read_metrics()
+        steps = [r["step"] for r in records if "reward_mean" in r]
+        figure, axis = plt.subplots(figsize=(7, 4))
+        axis.plot(steps, [r["reward_mean"] for r in records if "reward_mean" in r], label="reward (rollouts)")
+        axis.plot(steps, [r["accuracy"] for r in records if "accuracy" in r], label="accuracy (rollouts)")
+        evals = [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
+        if evals:
+            axis.plot(*zip(*evals), marker="o", label="held-out accuracy (greedy)")
+        axis.set_xlabel("step")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right")
+        axis.set_title("GRPO with LoRA")
+        figure.tight_layout()
+        staging = self.plot_path.with_suffix(".tmp.png")
+        figure.savefig(staging, dpi=100)
+        plt.close(figure)
+        os.replace(staging, self.plot_path)

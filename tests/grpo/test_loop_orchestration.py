@@ -1,0 +1,73 @@
+"""The GRPO loop's orchestration, against in-process stand-ins (real engines/servers: plugin tests)."""
+
+import json
+
+import pytest
+
+from areal_core.config_loader import load_config_or_raise
+from areal_core.errors import AgreementError
+from areal_core.grpo.comm import Comm
+from areal_core.grpo.loop import GRPOLoop
+from areal_core.grpo.publisher import AdapterPublisher
+from areal_core.grpo.run_dir import RunDirectory
+from areal_core.registry import Registry
+
+from .standins import CountingDataset, StandInEngine, StandInPlugin, StandInServer, first_token_is_five
+
+
+def make_loop(tmp_path, server=None, **overrides):
+    config = load_config_or_raise(None, [
+        "actor.backend=standin", "rollout.backend=standin-server", "gconfig.max_new_tokens=3",
+        "gconfig.n_samples=8", "train.batch_size=4", "train.steps=12", "train.eval_every=4",
+        "rollout.max_head_offpolicyness=0", f"output_dir={tmp_path / 'run'}", "rollout.max_model_len=40",
+        "train.agreement_tolerance=1e-5",
+        *[f"{k}={v}" for k, v in overrides.items()]])
+    engine, server = StandInEngine(), server or StandInServer()
+    registry = Registry(entry_points=[], extra_plugins=[("standin", StandInPlugin(engine, server))])
+    registry.call("areal_inject_adapter", "standin", engine=engine, actor=config.actor)
+    registry.call("areal_shard_model", "standin", engine=engine, actor=config.actor)
+    publisher = AdapterPublisher(registry, "standin-server", server, config.gconfig.lora_name, 0)
+    run_dir = RunDirectory(config.output_dir).create()
+    loop = GRPOLoop(config, registry, engine, Comm(), run_dir, CountingDataset(), first_token_is_five,
+                    publisher, progress=False)
+    return loop, engine, server, run_dir
+
+
+def test_versions_rollouts_and_run_directory(tmp_path):
+    loop, engine, server, run_dir = make_loop(tmp_path)
+    summary = loop.run()
+    records = run_dir.read_metrics()
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["version"] for r in steps] == list(range(1, 13))
+    # every step's batch came from the version before it, and every request named its version
+    assert all(r["rollout_versions"] == [r["version"] - 1] for r in steps)
+    assert all(name == f"lora-v{version}" for name, version, _, _ in server.requests)
+    assert server.seen_names == [f"lora-v{v}" for v in range(13)]
+    # synchronous: only the live version stays loaded, older ones were unloaded in order
+    assert server.unloaded == [f"lora-v{v}" for v in range(12)]
+    assert server.loaded_adapters() == ["lora-v12"]
+    for key in ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "sync_seconds", "agreement_max_abs"):
+        assert all(key in r for r in steps), key
+    assert all(r["agreement_max_abs"] <= 1e-5 for r in steps)
+    assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 4, 8, 12]
+    assert sorted(p.name for p in run_dir.adapters.iterdir()) == sorted(f"v{v}" for v in range(13))
+    assert run_dir.plot_path.stat().st_size > 0
+    events = [json.loads(line) for line in run_dir.events_path.read_text().splitlines()]
+    assert [e["name"] for e in events if e["event"] == "load"] == [f"lora-v{v}" for v in range(13)]
+    # and the policy learned the stand-in task
+    assert summary["first_eval"] == 0.0 and summary["last_eval"] == 1.0
+    assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
+
+
+def test_a_server_serving_the_wrong_weights_fails_the_agreement_check(tmp_path):
+    loop, engine, server, run_dir = make_loop(tmp_path, server=StandInServer(corrupt_from_version=2))
+    with pytest.raises(AgreementError, match="adapter version 2"):
+        loop.run()
+    assert max(r["step"] for r in run_dir.read_metrics()) == 1
+
+
+def test_keep_adapters_prunes_old_directories(tmp_path):
+    loop, engine, server, run_dir = make_loop(tmp_path, **{"train.keep_adapters": 2, "train.steps": 5})
+    loop.run()
+    assert sorted(p.name for p in run_dir.adapters.iterdir()) == ["v4", "v5"]
