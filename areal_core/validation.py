@@ -206,9 +206,23 @@ def check_backends(config: RunConfig, registry: Registry) -> list[ConfigError]:
     return errors
 
 
+def check_tasks(config: RunConfig) -> list[ConfigError]:
+    """The dataset and reward names resolve (built-in names, or importable ``module:function``)."""
+    from areal_core.tasks import TaskResolutionError, resolve_dataset_factory, resolve_reward
+
+    errors = []
+    for key, name, resolve in (("dataset.name", config.dataset.name, resolve_dataset_factory),
+                               ("reward.name", config.reward.name, resolve_reward)):
+        try:
+            resolve(name)
+        except TaskResolutionError as exc:
+            errors.append(ConfigError(key, name, str(exc), "use a built-in name or package.module:function"))
+    return errors
+
+
 def validate(config: RunConfig, registry: Registry) -> list[ConfigError]:
     """Every problem with ``config``; an empty list means the run can start."""
-    errors = check_values(config) + check_model_dir(config)
+    errors = check_values(config) + check_model_dir(config) + check_tasks(config)
     backend_errors = check_backends(config, registry)
     errors += backend_errors
     if not backend_errors:

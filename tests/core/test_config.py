@@ -136,3 +136,14 @@ def test_backend_checks_name_the_installed_backends(tiny_qwen2):
     assert found and "fsdp2" in found[0].fix and "megatron" in found[0].fix
     config, _ = load_config(None, [f"actor.path={tiny_qwen2}", "actor.backend=vllm"])
     assert any("is a server, not an engine" in e.problem for e in validate(config, default_registry()))
+
+
+def test_dataset_and_reward_names_must_resolve():
+    from areal_core.validation import check_tasks
+
+    config, _ = load_config(None, ["dataset.name=nope", "reward.name=no_such_module:fn"])
+    found = {e.key: e for e in check_tasks(config)}
+    assert "unknown dataset 'nope'" in found["dataset.name"].problem and "arithmetic" in found["dataset.name"].problem
+    assert "cannot import module 'no_such_module'" in found["reward.name"].problem
+    config, _ = load_config(None, [])
+    assert check_tasks(config) == []
