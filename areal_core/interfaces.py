@@ -44,7 +44,12 @@ class ExportedAdapter:
 
 @attrs.frozen
 class SamplingParams:
-    """Sampling settings of one generate call. ``top_k <= 0`` and ``top_p == 1`` mean off."""
+    """Sampling settings of one generate call. ``top_k <= 0`` and ``top_p == 1`` mean off.
+
+    ``seed`` (None: unseeded) makes a call reproducible: a server seeds prompt i of the call with
+    ``seed + i``, so the same call against the same weights gives the same samples.
+    ``temperature == 0`` means greedy decoding.
+    """
 
     max_new_tokens: int = 16
     temperature: float = 1.0

@@ -18,7 +18,9 @@ from areal_core.config import RunConfig
 from areal_core.grpo.batch import build_items, shard_for_rank
 from areal_core.grpo.comm import Comm
 from areal_core.grpo.loss import make_grpo_loss
+from areal_core.grpo.checkpointing import Checkpoints
 from areal_core.grpo.publisher import AdapterPublisher
+from areal_core.grpo.rollout_producer import RolloutProducer
 from areal_core.grpo.run_dir import RunDirectory
 from areal_core.interfaces import Engine, SamplingParams
 from areal_core.registry import Registry
@@ -45,12 +47,14 @@ class GRPOLoop:
         self.probe = probe_sequence(dataset.eval_records(), probe_len)
         self.version = -1
         self.position = 0
+        self.producer: RolloutProducer | None = None
+        self.checkpoints = Checkpoints(run_dir.checkpoints, comm)
         self.first_eval: float | None = None
         self.last_eval: float | None = None
 
     # --- the LoRA steps, through the hooks ----------------------------------------------------
 
-    def export_and_publish(self, version: int) -> dict:
+    def export_and_publish(self, version: int, step: int) -> dict:
         """Export ``version`` on every rank, load it on the servers (rank 0), check agreement."""
         actor = self.config.actor
         start = time.perf_counter()
@@ -70,6 +74,8 @@ class GRPOLoop:
             server = self.publisher.prompt_logprobs(self.probe, version)
             difference = check_agreement(server, trainer, self.config.train.agreement_tolerance,
                                          f"adapter version {version}")
+            if self.producer is not None:
+                self.producer.version_live(version, step)
         self._prune_adapters()
         return {
             "export_seconds": export_seconds,
@@ -104,15 +110,6 @@ class GRPOLoop:
         groups = self.publisher.generate([r["prompt_ids"] for r in records], self.version, 1, greedy)
         return sum(self.reward_fn(r, g[0].output_ids) for r, g in zip(records, groups)) / len(records)
 
-    def rollouts(self):
-        g, t = self.config.gconfig, self.config.train
-        records = self.dataset.train_batch(self.position, t.batch_size)
-        self.position += t.batch_size
-        groups = self.publisher.generate([r["prompt_ids"] for r in records], self.version,
-                                         g.n_samples, self.sampling())
-        rewards = [[float(self.reward_fn(r, s.output_ids)) for s in group] for r, group in zip(records, groups)]
-        return groups, rewards
-
     # --- one step ---------------------------------------------------------------------------------
 
     def train_on(self, items) -> dict:
@@ -133,33 +130,31 @@ class GRPOLoop:
     def step(self, step: int) -> dict:
         started = time.time()
         timer = time.perf_counter()
-        payload = None
-        if self.comm.is_leader:
-            groups, rewards = self.rollouts()
-            flat = [r for group in rewards for r in group]
-            payload = {
-                "items": build_items(groups, rewards),
-                "reward_mean": sum(flat) / len(flat),
-                "accuracy": sum(1.0 for r in flat if r >= 1.0) / len(flat),
-                "rollout_versions": sorted({s.version for group in groups for s in group}),
-                "position": self.position,
-            }
-        generation_seconds = time.perf_counter() - timer
+        payload = self.producer.next_batch() if self.comm.is_leader else None
+        waited_for_rollouts = time.perf_counter() - timer
         payload = self.comm.broadcast(payload)
+        assert payload["step"] == step, f"batch of step {payload['step']} arrived at step {step}"
         self.position = payload["position"]
+        train_started = time.time()
         timer = time.perf_counter()
         train_metrics = self.train_on(payload["items"])
         train_seconds = time.perf_counter() - timer
-        sync = self.export_and_publish(self.version + 1)
+        train_finished = time.time()
+        sync = self.export_and_publish(self.version + 1, step)
         record = {
             "step": step,
             "version": self.version,
             "rollout_versions": payload["rollout_versions"],
             "reward_mean": payload["reward_mean"],
             "accuracy": payload["accuracy"],
-            "num_samples": sum(1 for _ in payload["items"]),
-            "generation_seconds": generation_seconds,
+            "num_samples": len(payload["items"]),
+            "generation_seconds": payload["generation_finished_at"] - payload["generation_started_at"],
+            "generation_started_at": payload["generation_started_at"],
+            "generation_finished_at": payload["generation_finished_at"],
+            "rollout_wait_seconds": waited_for_rollouts,
             "train_seconds": train_seconds,
+            "train_started_at": train_started,
+            "train_finished_at": train_finished,
             "data_position": self.position,
             "started_at": started,
             **train_metrics,
@@ -175,31 +170,74 @@ class GRPOLoop:
         record["finished_at"] = time.time()
         return record
 
-    def run(self) -> dict:
-        steps = self.config.train.steps
-        sync = self.export_and_publish(0)
+    def _first_version_after_resume(self, checkpoint_version: int) -> int:
+        """Versions never go back, also past versions published after the checkpoint."""
+        on_disk = [int(p.name[1:]) for p in self.run_dir.adapters.glob("v*") if p.name[1:].isdigit()]
+        return max([checkpoint_version, *on_disk]) + 1
+
+    def _start(self) -> int:
+        """Publish the first version (v0, or the restored adapter); return the first step to run."""
+        first_step, version = 1, 0
+        if self.config.resume:
+            state = self.checkpoints.restore(self.engine)
+            if state is not None:
+                first_step = state["step"] + 1
+                self.position = state["position"]
+                version = self.comm.broadcast(
+                    self._first_version_after_resume(state["version"]) if self.comm.is_leader else None)
+                if self.comm.is_leader:
+                    self.run_dir.truncate_metrics(after_step=state["step"])
+        sync = self.export_and_publish(version, first_step - 1)
         if self.comm.is_leader:
             self.first_eval = self.last_eval = self.evaluate()
-            self.run_dir.append_metrics({"step": 0, "version": 0, "eval_accuracy": self.first_eval,
-                                         "agreement_max_abs": sync["agreement_max_abs"],
-                                         "sync_seconds": sync["sync_seconds"]})
+            if first_step == 1:
+                self.run_dir.append_metrics({"step": 0, "version": version, "eval_accuracy": self.first_eval,
+                                             "agreement_max_abs": sync["agreement_max_abs"],
+                                             "sync_seconds": sync["sync_seconds"]})
+            else:
+                evals = [r["eval_accuracy"] for r in self.run_dir.read_metrics() if "eval_accuracy" in r]
+                self.first_eval = evals[0] if evals else self.first_eval
+        return first_step
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.config.train.checkpoint_every
+        return step == self.config.train.steps or bool(every and step % every == 0)
+
+    def run(self) -> dict:
+        steps = self.config.train.steps
+        first_step = self._start()
+        if self.comm.is_leader:
+            self.producer = RolloutProducer(
+                self.publisher, self.dataset, self.reward_fn, batch_size=self.config.train.batch_size,
+                n_samples=self.config.gconfig.n_samples, sampling=self.sampling(),
+                max_offpolicyness=self.config.rollout.max_head_offpolicyness,
+                first_step=first_step, last_step=steps, position=self.position,
+                seed=self.config.train.seed)
+            self.producer.version_live(self.version, first_step - 1)
+            self.producer.start()
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, desc="GRPO", unit="step", dynamic_ncols=True)
-        for step in range(1, steps + 1):
-            record = self.step(step)
-            if self.comm.is_leader:
-                self.run_dir.append_metrics(record)
-                self.run_dir.plot()
-                if bar is not None:
-                    postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
-                               "step_s": f"{record['step_seconds']:.1f}"}
-                    if "eval_accuracy" in record:
-                        postfix["eval"] = f"{record['eval_accuracy']:.3f}"
-                    bar.set_postfix(postfix)
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar = tqdm(total=steps, initial=first_step - 1, desc="GRPO", unit="step", dynamic_ncols=True)
+        try:
+            for step in range(first_step, steps + 1):
+                record = self.step(step)
+                if self._checkpoint_due(step):
+                    self.checkpoints.save(self.engine, step, self.version, self.position)
+                if self.comm.is_leader:
+                    self.run_dir.append_metrics(record)
+                    self.run_dir.plot()
+                    if bar is not None:
+                        postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
+                                   "step_s": f"{record['step_seconds']:.1f}"}
+                        if "eval_accuracy" in record:
+                            postfix["eval"] = f"{record['eval_accuracy']:.3f}"
+                        bar.set_postfix(postfix)
+                        bar.update(1)
+        finally:
+            if self.producer is not None:
+                self.producer.stop()
+            if bar is not None:
+                bar.close()
         return {"first_eval": self.first_eval, "last_eval": self.last_eval, "version": self.version}

@@ -81,3 +81,10 @@ class RunDirectory:
         figure.savefig(staging, dpi=100)
         plt.close(figure)
         os.replace(staging, self.plot_path)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop the records of steps after ``after_step`` (they are run again after a resume)."""
+        kept = [r for r in self.read_metrics() if r["step"] <= after_step]
+        staging = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        staging.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        os.replace(staging, self.metrics_path)

@@ -8,7 +8,9 @@ on real files. Real engines and servers are tested in their own plugin folders.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import torch
 from safetensors.torch import load_file
@@ -27,11 +29,12 @@ class StandInEngine:
     rank = 0
     world_size = 1
 
-    def __init__(self, lr=20.0):
+    def __init__(self, lr=20.0, train_delay=0.0):
         self.theta = None
         self.lr = lr
         self.optimizer = None
         self.calls = []
+        self.train_delay = train_delay
 
     def load_base_model(self):
         self.calls.append("load")
@@ -46,6 +49,7 @@ class StandInEngine:
 
     def train_step(self, sequences, loss_fn):
         self.calls.append(("train", len(sequences)))
+        time.sleep(self.train_delay)
         self.optimizer.zero_grad()
         metrics = {}
         if sequences:
@@ -55,10 +59,15 @@ class StandInEngine:
         return {"grad_norm": 0.0, "lr": self.lr, **metrics}
 
     def save_checkpoint(self, directory):
-        pass
+        os.makedirs(directory)
+        torch.save({"theta": self.theta.detach(), "optimizer": self.optimizer.state_dict()},
+                   os.path.join(directory, "state.pt"))
 
     def load_checkpoint(self, directory):
-        pass
+        state = torch.load(os.path.join(directory, "state.pt"))
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def close(self):
         self.calls.append("close")
@@ -67,7 +76,8 @@ class StandInEngine:
 class StandInServer:
     name = "standin-server"
 
-    def __init__(self, corrupt_from_version=None):
+    def __init__(self, corrupt_from_version=None, generate_delay=0.0):
+        self.generate_delay = generate_delay
         self.adapters = {}
         self.seen_names = []
         self.requests = []
@@ -98,17 +108,21 @@ class StandInServer:
 
     def generate(self, prompts, *, lora_name, version, n, sampling):
         self.requests.append((lora_name, version, len(prompts), n))
+        time.sleep(self.generate_delay)
         theta = self.adapters[lora_name]
         probs = torch.softmax(theta, -1)
         out = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            generator = self.generator
+            if sampling.seed is not None:
+                generator = torch.Generator().manual_seed(sampling.seed + i)
             group = []
             for _ in range(n):
                 if sampling.temperature == 0:
                     tokens = [int(torch.argmax(probs))] * sampling.max_new_tokens
                 else:
                     tokens = torch.multinomial(probs, sampling.max_new_tokens, replacement=True,
-                                               generator=self.generator).tolist()
+                                               generator=generator).tolist()
                 logprobs = torch.log(probs[tokens]).tolist()
                 group.append(Sample(tuple(prompt), tuple(tokens), tuple(logprobs), version, "length"))
             out.append(group)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from areal_core.config_loader import load_config_or_raise
 from areal_core.errors import AgreementError
@@ -15,18 +16,19 @@ from areal_core.registry import Registry
 from .standins import CountingDataset, StandInEngine, StandInPlugin, StandInServer, first_token_is_five
 
 
-def make_loop(tmp_path, server=None, **overrides):
+def make_loop(tmp_path, server=None, engine=None, **overrides):
     config = load_config_or_raise(None, [
         "actor.backend=standin", "rollout.backend=standin-server", "gconfig.max_new_tokens=3",
         "gconfig.n_samples=8", "train.batch_size=4", "train.steps=12", "train.eval_every=4",
         "rollout.max_head_offpolicyness=0", f"output_dir={tmp_path / 'run'}", "rollout.max_model_len=40",
         "train.agreement_tolerance=1e-5",
         *[f"{k}={v}" for k, v in overrides.items()]])
-    engine, server = StandInEngine(), server or StandInServer()
+    engine, server = engine or StandInEngine(), server or StandInServer()
     registry = Registry(entry_points=[], extra_plugins=[("standin", StandInPlugin(engine, server))])
     registry.call("areal_inject_adapter", "standin", engine=engine, actor=config.actor)
     registry.call("areal_shard_model", "standin", engine=engine, actor=config.actor)
-    publisher = AdapterPublisher(registry, "standin-server", server, config.gconfig.lora_name, 0)
+    publisher = AdapterPublisher(registry, "standin-server", server, config.gconfig.lora_name,
+                                 config.rollout.max_head_offpolicyness)
     run_dir = RunDirectory(config.output_dir).create()
     loop = GRPOLoop(config, registry, engine, Comm(), run_dir, CountingDataset(), first_token_is_five,
                     publisher, progress=False)
@@ -71,3 +73,48 @@ def test_keep_adapters_prunes_old_directories(tmp_path):
     loop, engine, server, run_dir = make_loop(tmp_path, **{"train.keep_adapters": 2, "train.steps": 5})
     loop.run()
     assert sorted(p.name for p in run_dir.adapters.iterdir()) == ["v4", "v5"]
+
+
+def test_offpolicy_window_bounds_staleness_and_overlaps_generation(tmp_path):
+    engine, server = StandInEngine(train_delay=0.3), StandInServer(generate_delay=0.2)
+    loop, engine, server, run_dir = make_loop(tmp_path, server=server, engine=engine, **{
+        "rollout.max_head_offpolicyness": 1, "train.steps": 6, "train.eval_every": 0})
+    loop.run()
+    steps = [r for r in run_dir.read_metrics() if r["step"] > 0]
+    for r in steps:
+        trained_against = r["version"] - 1
+        assert all(trained_against - 1 <= v <= trained_against for v in r["rollout_versions"]), r
+    overlapped = [b for a, b in zip(steps, steps[1:]) if b["generation_started_at"] < a["train_finished_at"]]
+    assert overlapped, "with K=1 the next batch must be generated while the current step trains"
+    assert any(r["rollout_versions"] == [r["version"] - 2] for r in steps)
+    # a version in use is never unloaded under a request: the server saw every name it was asked for
+    assert all(name in server.seen_names for name, *_ in server.requests)
+
+
+def test_synchronous_loop_never_generates_ahead(tmp_path):
+    engine, server = StandInEngine(train_delay=0.1), StandInServer(generate_delay=0.05)
+    loop, engine, server, run_dir = make_loop(tmp_path, server=server, engine=engine,
+                                              **{"train.steps": 4, "train.eval_every": 0})
+    loop.run()
+    steps = [r for r in run_dir.read_metrics() if r["step"] > 0]
+    assert all(r["rollout_versions"] == [r["version"] - 1] for r in steps)
+    assert all(b["generation_started_at"] >= a["train_finished_at"] for a, b in zip(steps, steps[1:]))
+
+
+def test_resume_continues_steps_and_versions_and_matches_a_straight_run(tmp_path):
+    straight, engine_a, _, _ = make_loop(tmp_path / "a", **{"train.steps": 4, "train.eval_every": 0})
+    straight.run()
+
+    first, _, _, run_dir = make_loop(tmp_path / "b", **{"train.steps": 2, "train.eval_every": 0})
+    first.run()
+    # the crashed run had gone on past its checkpoint: one more version was published
+    (run_dir.adapters / "v3").mkdir()
+    resumed, engine_b, server_b, _ = make_loop(tmp_path / "b", **{"train.steps": 4, "train.eval_every": 0,
+                                                                  "resume": "true"})
+    resumed.run()
+    records = run_dir.read_metrics()
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    versions = [r["version"] for r in records]
+    assert versions == [0, 1, 2, 5, 6] and server_b.seen_names[0] == "lora-v4"
+    assert (run_dir.checkpoints / "latest").read_text().strip() == "step-000004"
+    assert torch.allclose(engine_a.theta, engine_b.theta, atol=1e-6, rtol=0)
