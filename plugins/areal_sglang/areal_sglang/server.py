@@ -1,0 +1,345 @@
+"""The SGLang rollout server client: launch or connect, load adapter versions, generate.
+
+Version safety, the point of this file: SGLang serves a request without ``lora_path`` with the
+base model, and silently reloads an unloaded adapter when a request names it. So every request
+names a version, and only a version this client has loaded, confirmed and not retired: the
+bookkeeping (``areal_core.versions.AdapterVersions``) and the check happen under one lock, and a
+version is retired (forgotten) before it is unloaded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from areal_core.adapter_format import verify_adapter_dir
+from areal_core.config import RunConfig
+from areal_core.errors import AdapterError, AdapterLoadError, ArealError, ConfigInvalid
+from areal_core.interfaces import ExportedAdapter, Sample, SamplingParams
+from areal_core.versions import AdapterVersions, live_versions_needed
+
+from areal_sglang import payloads
+from areal_sglang.http_client import HttpClient
+from areal_sglang.launcher import LaunchSpec, ServerProcess, free_port, kv_bytes_per_token
+from areal_sglang.target_modules import sglang_target_modules
+
+logger = logging.getLogger(__name__)
+
+
+def wants_cpu(config: RunConfig) -> bool:
+    """Whether a launched server runs SGLang's CPU engine: ``actor.device``, or no NVIDIA GPU."""
+    if config.actor.device in ("cpu", "cuda"):
+        return config.actor.device == "cpu"
+    return not os.path.exists("/dev/nvidiactl")
+
+
+def launch_spec(config: RunConfig, port: int) -> LaunchSpec:
+    """The server a run of ``config`` needs, on ``rollout.host``:``port``."""
+    rollout, actor = config.rollout, config.actor
+    max_loaded = max(rollout.max_loras, live_versions_needed(rollout.max_head_offpolicyness))
+    kv_tokens = rollout.kv_cache_bytes // kv_bytes_per_token(actor.path, rollout.dtype)
+    return LaunchSpec(
+        model_path=str(Path(actor.path).absolute()),
+        host=rollout.host,
+        port=port,
+        dtype=rollout.dtype,
+        max_lora_rank=actor.lora_rank,
+        target_modules=tuple(sglang_target_modules(actor.target_modules)),
+        max_loaded_loras=max_loaded,
+        context_length=rollout.max_model_len,
+        max_running_requests=rollout.max_num_seqs,
+        # At least one full context, so that any single request fits.
+        max_total_tokens=max(kv_tokens, rollout.max_model_len),
+        cpu=wants_cpu(config),
+        extra_args=tuple(rollout.extra_args),
+        api_key=os.environ.get(rollout.api_key_env, "") if rollout.api_key_env else "",
+    )
+
+
+class SGLangRolloutServer:
+    """``areal_core.interfaces.RolloutServer`` over SGLang's native HTTP API.
+
+    :param config: the run's configuration (``rollout``, ``actor``, ``gconfig``, ``output_dir``).
+    :param connect_attempts: health-check tries per given address before ServerUnreachableError
+        (the delay between tries doubles from 0.5 s up to 8 s).
+    """
+
+    name = "sglang"
+
+    def __init__(self, config: RunConfig, *, connect_attempts: int = 6):
+        self.config = config
+        self.connect_attempts = connect_attempts
+        self.versions = AdapterVersions(
+            config.gconfig.lora_name, window=config.rollout.max_head_offpolicyness
+        )
+        self.processes: list[ServerProcess] = []
+        self.clients: list[HttpClient] = []
+        self._lock = threading.Lock()
+        self._next_client = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to ``rollout.servers``, or launch one server when the list is empty.
+
+        :raises ConfigInvalid: the configuration cannot work with SGLang (checked first).
+        :raises ServerUnreachableError: a given address did not answer within the bounded
+            retries, or a launched server died or stayed silent (with its log's tail).
+        """
+        if self.clients:
+            return
+        from areal_sglang.config_checks import validate
+
+        errors = validate(self.config)
+        if errors:
+            raise ConfigInvalid(errors)
+        rollout = self.config.rollout
+        api_key = os.environ.get(rollout.api_key_env, "") if rollout.api_key_env else ""
+        if rollout.servers:
+            for address in rollout.servers:
+                client = self._client(address, api_key)
+                client.wait_healthy(attempts=self.connect_attempts)
+                self.clients.append(client)
+            # A given server may hold versions of an earlier run: never load those names again.
+            self.versions.adopt_existing(self.loaded_adapters())
+        else:
+            spec = launch_spec(self.config, free_port(rollout.host))
+            log = Path(self.config.output_dir) / "logs" / f"sglang-{spec.port}.log"
+            process = ServerProcess(spec, log)
+            self.processes.append(process)
+            # A server outlives a crashed owner otherwise (it runs in its own session).
+            atexit.register(process.stop)
+            process.start(timeout=rollout.startup_timeout)
+            self.clients.append(self._client(process.address, api_key))
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=rollout.max_concurrent_requests, thread_name_prefix="sglang-request"
+        )
+
+    def _client(self, address: str, api_key: str) -> HttpClient:
+        return HttpClient(
+            address,
+            timeout=self.config.rollout.request_timeout,
+            api_key=api_key,
+            pool_size=self.config.rollout.max_concurrent_requests,
+        )
+
+    def stop(self) -> None:
+        """Stop what this object launched (process groups included); idempotent."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for client in self.clients:
+            client.close()
+        self.clients = []
+        for process in self.processes:
+            process.stop()
+        self.processes = []
+
+    def _require_started(self) -> None:
+        if not self.clients:
+            raise ArealError("the SGLang rollout server is not started: call start() first")
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    def load_adapter(self, adapter: ExportedAdapter, lora_name: str) -> None:
+        """Load ``adapter`` as ``lora_name`` (``<gconfig.lora_name>-v<adapter.version>``) everywhere.
+
+        Checks the directory first, confirms every server lists the name, then unloads versions
+        older than the window that no request uses.
+
+        :raises AdapterLoadError: with the reason (the server's own message when it refused);
+            the versions loaded before keep serving.
+        """
+        self._require_started()
+        expected = self.versions.name(adapter.version)
+        if lora_name != expected:
+            raise AdapterLoadError(
+                f"adapter version {adapter.version} must be loaded as {expected!r}, not "
+                f"{lora_name!r} (names are <gconfig.lora_name>-v<version>)"
+            )
+        try:
+            verify_adapter_dir(adapter.path)
+        except AdapterError as exc:
+            raise AdapterLoadError(f"adapter {lora_name} was not sent to SGLang: {exc}") from exc
+        try:
+            self.versions.reserve(adapter.version)
+        except ArealError as exc:
+            raise AdapterLoadError(str(exc)) from exc
+        path = str(Path(adapter.path).absolute())
+        loaded_on: list[HttpClient] = []
+        for client in self.clients:
+            response = client.post_json("/load_lora_adapter", payloads.load_payload(lora_name, path))
+            refusal = _load_refusal(response)
+            if not refusal:
+                loaded_on.append(client)
+                listed = self._listed(client)
+                if lora_name not in listed:
+                    refusal = f"it answered the load but does not list {lora_name} (it lists {sorted(listed)})"
+            if refusal:
+                self._unload_from(lora_name, loaded_on)  # all servers or none
+                raise AdapterLoadError(
+                    f"SGLang server {client.base_url} refused adapter {lora_name} from {path}: "
+                    f"{refusal}. The versions loaded before keep serving."
+                )
+        self.versions.confirm(adapter.version)
+        self._unload_stale()
+
+    def unload_adapter(self, lora_name: str) -> None:
+        """Retire ``lora_name`` (no request will name it again) and unload it from every server."""
+        self._require_started()
+        with self._lock:
+            self.versions.forget(lora_name)
+        self._unload_from(lora_name, self.clients)
+
+    def _unload_from(self, lora_name: str, clients: list[HttpClient]) -> None:
+        """Unload ``lora_name`` from ``clients``; a server that does not hold it is skipped."""
+        for client in clients:
+            response = client.post_json("/unload_lora_adapter", payloads.unload_payload(lora_name))
+            if response.status_code != 200 and lora_name in self._listed(client):
+                raise ArealError(
+                    f"SGLang server {client.base_url} refused to unload {lora_name}: "
+                    f"HTTP {response.status_code} {response.text[:500]}"
+                )
+
+    def loaded_adapters(self) -> list[str]:
+        """The adapter names every server lists now (the union over servers), sorted."""
+        self._require_started()
+        names: set[str] = set()
+        for client in self.clients:
+            names |= self._listed(client)
+        return sorted(names)
+
+    @staticmethod
+    def _listed(client: HttpClient) -> set[str]:
+        response = client.get("/v1/models")
+        if response.status_code != 200:
+            raise ArealError(
+                f"SGLang server {client.base_url} did not list its models: "
+                f"HTTP {response.status_code} {response.text[:500]}"
+            )
+        # The base model is listed too, without a parent; adapters name it as their parent.
+        return {entry["id"] for entry in response.json().get("data", []) if entry.get("parent")}
+
+    def _unload_stale(self) -> None:
+        with self._lock:
+            stale = self.versions.stale()
+            for name in stale:
+                self.versions.forget(name)
+        for name in stale:
+            try:
+                self._unload_from(name, self.clients)
+            except ArealError as exc:
+                # Harmless for correctness (the name is retired and never sent again), but the
+                # server keeps its memory: say so rather than fail the caller's work.
+                logger.warning("could not unload stale adapter %s: %s", name, exc)
+
+    def _acquire(self, lora_name: str, version: int | None = None) -> int:
+        """Mark a request in flight on ``lora_name``; refuse a name not live on this client."""
+        with self._lock:
+            live = {name: number for number, name in self.versions.loaded().items()}
+            if lora_name not in live or (version is not None and live[lora_name] != version):
+                raise ArealError(
+                    f"refusing to name adapter {lora_name!r} (version {version}) in a request: "
+                    f"it is not a live version of this client (live: {sorted(live)}); SGLang "
+                    f"would silently serve the base model or reload a retired version"
+                )
+            self.versions.acquire(live[lora_name])
+            return live[lora_name]
+
+    def _release(self, version: int) -> None:
+        with self._lock:
+            self.versions.release(version)
+        self._unload_stale()
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        lora_name: str,
+        version: int,
+        n: int,
+        sampling: SamplingParams,
+    ) -> list[list[Sample]]:
+        """``n`` samples per token-id prompt from version ``version`` (named ``lora_name``).
+
+        One request per prompt (SGLang samples its ``n`` completions), sent concurrently up to
+        ``rollout.max_concurrent_requests`` and spread over the servers.
+        """
+        self._require_started()
+        if n < 1:
+            raise ValueError(f"n must be >= 1 (got {n})")
+        empty = [index for index, prompt in enumerate(prompts) if not len(prompt)]
+        if empty:
+            raise ValueError(f"prompts {empty} are empty; every prompt needs at least one token id")
+        self._acquire(lora_name, version)
+        try:
+            futures = [
+                self._pool.submit(self._generate_one, list(prompt), lora_name, version, n, sampling)
+                for prompt in prompts
+            ]
+            # Every request ends before the version is released (and may be unloaded).
+            concurrent.futures.wait(futures)
+            return [future.result() for future in futures]
+        finally:
+            self._release(version)
+
+    def _generate_one(
+        self, prompt: list[int], lora_name: str, version: int, n: int, sampling: SamplingParams
+    ) -> list[Sample]:
+        payload = payloads.generate_payload(prompt, lora_name=lora_name, n=n, sampling=sampling)
+        answer = self._post_generate(payload)
+        answers = answer if isinstance(answer, list) else [answer]
+        if len(answers) != n:
+            raise ArealError(f"SGLang returned {len(answers)} completions for n={n}")
+        samples = []
+        for completion in answers:
+            output_ids, logprobs, reason = payloads.read_completion(completion)
+            samples.append(Sample(tuple(prompt), output_ids, logprobs, version, reason))
+        return samples
+
+    def prompt_logprobs(self, token_ids: Sequence[int], *, lora_name: str) -> list[float]:
+        """Log-probabilities of ``token_ids[1:]`` given their prefixes, under ``lora_name``."""
+        self._require_started()
+        if len(token_ids) < 2:
+            raise ValueError("prompt_logprobs needs at least two tokens")
+        version = self._acquire(lora_name)
+        try:
+            payload = payloads.prompt_logprobs_payload(token_ids, lora_name=lora_name)
+            answer = self._post_generate(payload)
+            return payloads.read_prompt_logprobs(answer, len(token_ids) - 1)
+        finally:
+            self._release(version)
+
+    def _post_generate(self, payload: dict):
+        payloads.require_lora_path(payload)
+        with self._lock:
+            client = self.clients[self._next_client % len(self.clients)]
+            self._next_client += 1
+        response = client.post_json("/generate", payload)
+        if response.status_code != 200:
+            raise ArealError(
+                f"SGLang server {client.base_url} refused a generate request: "
+                f"HTTP {response.status_code} {response.text[:500]}"
+            )
+        return response.json()
+
+
+def _load_refusal(response) -> str:
+    """The server's reason for refusing a load, or "" when it loaded the adapter."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code == 200 and isinstance(body, dict) and body.get("success", True):
+        return ""
+    if isinstance(body, dict):
+        return str(body.get("error_message") or body.get("message") or body.get("detail") or body)
+    return f"HTTP {response.status_code} {response.text[:500]}"
