@@ -1,19 +1,83 @@
-"""Entry point of the areal-megatron plugin: declares the megatron engine (its LoRA code is not written yet)."""
+"""Entry point of the areal-megatron plugin: the ``megatron`` training engine.
+
+Kept light: declaring imports no torch or megatron-core; the hooks import the engine when called.
+"""
+
+from __future__ import annotations
 
 from areal_core import hookimpl
-from areal_core.declarations import BackendDeclaration, LoraStatus, LoraSupport
+from areal_core.declarations import PEFT_DIRECTORY, BackendDeclaration, LoraStatus, LoraSupport
 
 from areal_megatron import __version__
+
+NAME = "megatron"
 
 
 @hookimpl
 def areal_declare_backends():
     return [
         BackendDeclaration(
-            name="megatron",
+            name=NAME,
             kind="engine",
             version=__version__,
-            description="Megatron-core training engine for areal",
-            lora=LoraSupport(status=LoraStatus.NOT_IMPLEMENTED, reason="the megatron plugin's LoRA steps are not written yet"),
+            description="megatron-core engine: LoRA on tensor-parallel layers (TP x DP, no pipeline yet), "
+                        "dense Llama/Qwen2",
+            lora=LoraSupport(
+                status=LoraStatus.NOT_IMPLEMENTED,
+                reason="the megatron plugin's LoRA steps are not verified yet",
+                peft_types=("lora",),
+                moe=False,
+                transports=(PEFT_DIRECTORY,),
+                target_module_syntax="names",
+            ),
         )
     ]
+
+
+def _engine(engine):
+    from areal_megatron.engine import MegatronEngine
+
+    if not isinstance(engine, MegatronEngine):
+        raise TypeError(f"the megatron plugin got a {type(engine).__name__}, not the engine it built")
+    return engine
+
+
+@hookimpl
+def areal_build_engine(backend, config):
+    if backend != NAME:
+        return None
+    from areal_megatron.engine import MegatronEngine
+
+    return MegatronEngine(config)
+
+
+@hookimpl
+def areal_validate_config(backend, config):
+    if backend != NAME:
+        return None
+    from areal_megatron.validation import check_config
+
+    return check_config(config)
+
+
+@hookimpl
+def areal_inject_adapter(backend, engine, actor):
+    if backend != NAME:
+        return None
+    _engine(engine).inject_lora(actor)
+    return engine
+
+
+@hookimpl
+def areal_shard_model(backend, engine, actor):
+    if backend != NAME:
+        return None
+    _engine(engine).setup_training(actor)
+    return engine
+
+
+@hookimpl
+def areal_export_adapter(backend, engine, directory, version):
+    if backend != NAME:
+        return None
+    return _engine(engine).export_adapter(directory, version)
