@@ -1,0 +1,271 @@
+"""The fsdp2 training engine: one object per rank, driven collectively by the GRPO loop.
+
+Lifecycle: ``load_base_model`` -> ``inject_adapter`` (hook ``areal_inject_adapter``) ->
+``shard`` (hook ``areal_shard_model``, which also builds AdamW) -> any number of
+``compute_logprobs`` / ``train_step`` / export / checkpoint calls -> ``close``.
+
+Every rank calls every method with its OWN sequences, and counts may differ: FSDP2 forwards and
+backwards are collectives, so each call first agrees on the largest number of micro-batches
+of any rank, and a rank with fewer runs zero-weight dummy micro-batches. Errors found on one
+rank (bad token ids, a failing loss function) are raised on every rank at the same point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+
+from areal_core.config import ActorConfig, RunConfig
+from areal_core.errors import AdapterError, ArealError
+from areal_core.interfaces import LossFn
+
+from areal_fsdp2 import checkpoint, distributed, lora_injection, model_loading, optimizer, parallelize
+from areal_fsdp2.logprobs import forward_logits, sequence_logprobs
+from areal_fsdp2.microbatching import plan_microbatches, sequence_problem
+
+
+class FSDP2Engine:
+    """Hugging Face causal LM + peft LoRA, sharded with FSDP2, on CPU (gloo) or CUDA (nccl).
+
+    Built on every rank. When ``torch.distributed`` is not initialised it starts a
+    one-process group itself (and destroys it on ``close``).
+    """
+
+    name = "fsdp2"
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.actor: ActorConfig = config.actor
+        kind = distributed.device_type(self.actor.device)
+        self._owns_process_group = distributed.ensure_process_group(kind)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = distributed.rank_device(kind)
+        self.model: torch.nn.Module | None = None  # the peft wrapper, or the HF model (full FT)
+        self.hf_model: torch.nn.Module | None = None  # the transformers model inside it
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step = 0  # train_step calls completed (restored by load_checkpoint)
+        self.stage = "built"  # built -> loaded -> adapted -> sharded -> closed
+        self.vocab_size = 0
+        self.pad_id = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def _require_stage(self, stage: str, what: str, before: str) -> None:
+        if self.stage != stage:
+            raise ArealError(f"cannot {what}: the fsdp2 engine is {self.stage}; {before} first")
+
+    def require_sharded(self, what: str) -> None:
+        self._require_stage("sharded", what, "run load_base_model, areal_inject_adapter and areal_shard_model")
+
+    def load_base_model(self) -> None:
+        """Load ``actor.path`` (local safetensors) on the CPU in ``actor.dtype``."""
+        self._require_stage("built", "load the base model", "build a new engine")
+        self.hf_model = model_loading.load_causal_lm(self.actor)
+        self.model = self.hf_model
+        self.vocab_size = self.hf_model.get_input_embeddings().num_embeddings
+        pad_id = getattr(self.hf_model.config, "pad_token_id", None)
+        self.pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < self.vocab_size else 0
+        self.stage = "loaded"
+
+    def inject_adapter(self, actor: ActorConfig) -> None:
+        """Wrap the target modules with LoRA (or make everything trainable: full fine-tuning)."""
+        self._require_stage("loaded", "inject the adapter", "run load_base_model")
+        self.actor = actor
+        if actor.full_finetune:
+            self.model = lora_injection.make_all_trainable(self.hf_model)
+        else:
+            self.model = lora_injection.inject_lora(self.hf_model, actor, seed=self.config.train.seed)
+            lora_injection.broadcast_trainable_from_rank0(self.model, self.device)
+        self.stage = "adapted"
+
+    def shard(self, actor: ActorConfig) -> None:
+        """Apply FSDP2 over all ranks and build AdamW over the trainable parameters."""
+        self._require_stage("adapted", "shard the model", "run areal_inject_adapter")
+        self.actor = actor
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        parallelize.shard_model(self.model, self.hf_model, actor, mesh)
+        self.optimizer = optimizer.build_adamw(self.model, actor.optimizer)
+        self.stage = "sharded"
+
+    def reshard(self) -> None:
+        """Free gathered root parameters (left gathered after a forward without backward)."""
+        if isinstance(self.model, FSDPModule):
+            self.model.reshard()
+
+    def close(self) -> None:
+        """Drop the model and optimizer; destroy the process group if this engine created it."""
+        if self.stage == "closed":
+            return
+        self.model = self.hf_model = self.optimizer = None
+        self.stage = "closed"
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- micro-batch schedule ----------------------------------------------------------------
+
+    def _schedule(self, sequences: Sequence[Sequence[int]]) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches and the largest count of any rank (collective).
+
+        Raises on every rank when any rank's sequences are unusable.
+        """
+        problem = sequence_problem(sequences, self.vocab_size)
+        plan = [] if problem else plan_microbatches(
+            [len(s) for s in sequences], self.actor.max_tokens_per_microbatch
+        )
+        answers = distributed.gather_objects((len(plan), problem))
+        failing = [(rank, error) for rank, (_, error) in enumerate(answers) if error]
+        if failing:
+            rank, error = failing[0]
+            raise ArealError(f"bad sequences on rank {rank}: {error}")
+        return plan, max(count for count, _ in answers)
+
+    def _dummy_sequence(self) -> list[list[int]]:
+        return [[self.pad_id, self.pad_id]]
+
+    def _adapter_context(self, disable_adapter: bool):
+        if not disable_adapter:
+            return contextlib.nullcontext()
+        if self.actor.full_finetune:
+            raise AdapterError(
+                "disable_adapter=True needs a LoRA adapter; with actor.full_finetune there is no "
+                "frozen base model to fall back to"
+            )
+        return self.model.disable_adapter()
+
+    # --- training calls ----------------------------------------------------------------------
+
+    def compute_logprobs(
+        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
+    ) -> list[torch.Tensor]:
+        """Per-token log-probabilities (float32, CPU, length ``len(seq) - 1``) of each sequence.
+
+        ``disable_adapter=True`` gives the base model's, from the same sharded model.
+        """
+        self.require_sharded("compute log-probabilities")
+        context = self._adapter_context(disable_adapter)
+        plan, count = self._schedule(sequences)
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        self.model.eval()
+        with torch.no_grad(), context:
+            for index in range(count):
+                if index >= len(plan):
+                    sequence_logprobs(self.model, self._dummy_sequence(), self.pad_id, self.device)
+                    continue
+                batch = [sequences[i] for i in plan[index]]
+                for i, logprobs in zip(plan[index], sequence_logprobs(self.model, batch, self.pad_id, self.device)):
+                    results[i] = logprobs.float().cpu()
+        self.reshard()
+        return results
+
+    def forward_logits(
+        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
+    ) -> list[torch.Tensor]:
+        """The logits ``[len(seq), vocab]`` (float32, CPU) of each sequence (collective).
+
+        A diagnostic beside the ``Engine`` protocol, for comparing with other implementations.
+        """
+        self.require_sharded("compute logits")
+        context = self._adapter_context(disable_adapter)
+        plan, count = self._schedule(sequences)
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        self.model.eval()
+        with torch.no_grad(), context:
+            for index in range(count):
+                batch = [sequences[i] for i in plan[index]] if index < len(plan) else self._dummy_sequence()
+                logits = forward_logits(self.model, batch, self.pad_id, self.device)
+                for row, i in enumerate(plan[index] if index < len(plan) else []):
+                    results[i] = logits[row, : len(sequences[i])].float().cpu()
+        self.reshard()
+        return results
+
+    def _run_loss(self, loss_fn: LossFn, logprobs: list[torch.Tensor], indices: list[int]):
+        """``(loss, metrics)`` of one micro-batch; raises ArealError for a malformed answer."""
+        answer = loss_fn(logprobs, indices)
+        loss, metrics = answer if isinstance(answer, tuple) else (answer, {})
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ArealError(f"loss_fn must return a scalar tensor as its loss, not {type(loss).__name__}")
+        if not loss.requires_grad:
+            raise ArealError("loss_fn returned a loss without gradient: build it from the log-probabilities it is given")
+        return loss.reshape(()), {key: float(value) for key, value in dict(metrics or {}).items()}
+
+    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn) -> dict[str, float]:
+        """One AdamW step on the sum over ranks and micro-batches of ``loss_fn``'s losses.
+
+        Returns the summed (over micro-batches and ranks) ``loss`` and metrics of ``loss_fn``,
+        ``num_sequences`` and ``num_tokens`` (summed over ranks), the global ``grad_norm``
+        before clipping, ``lr``, ``num_microbatches`` (run by every rank, after equalising),
+        ``dummy_microbatches`` (this rank's zero-weight fillers) and ``update_skipped`` (1 when
+        the gradient norm was not finite and no step was taken).
+        """
+        self.require_sharded("train")
+        if not callable(loss_fn):
+            raise ArealError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        plan, count = self._schedule(sequences)
+        self.model.train()
+        local = {"loss": 0.0, "num_sequences": float(len(sequences)),
+                 "num_tokens": float(sum(len(s) for s in sequences))}
+        failure = None
+        for index in range(count):
+            real = index < len(plan) and failure is None
+            batch = [sequences[i] for i in plan[index]] if real else self._dummy_sequence()
+            logprobs = sequence_logprobs(self.model, batch, self.pad_id, self.device)
+            # A dummy (or a micro-batch after a failure) still runs backward through every
+            # FSDP unit, with zero weight, so every rank joins every reduce-scatter.
+            loss = torch.stack([lp.sum() for lp in logprobs]).sum() * 0.0
+            if real:
+                try:
+                    loss, metrics = self._run_loss(loss_fn, logprobs, plan[index])
+                    local["loss"] += float(loss.detach())
+                    for key, value in metrics.items():
+                        local[key] = local.get(key, 0.0) + value
+                except Exception as exc:  # raised on every rank once all have joined the collectives
+                    failure = f"loss_fn failed on rank {self.rank}: {type(exc).__name__}: {exc}"
+            loss.backward()
+        try:
+            distributed.raise_together(failure)
+        except ArealError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        params = optimizer.trainable_parameters(self.model)
+        grad_norm = optimizer.clip_grad_norm(params, self.actor.optimizer.grad_clip, self.device)
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        totals = distributed.sum_over_ranks(local)
+        return {
+            **totals,
+            "grad_norm": grad_norm,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "num_microbatches": float(count),
+            "dummy_microbatches": float(count - len(plan)),
+            "update_skipped": float(skipped),
+        }
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Trainable weights, AdamW state, step and RNG states, written atomically (collective)."""
+        checkpoint.save_checkpoint(self, directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore what ``save_checkpoint`` wrote (collective; any world size)."""
+        checkpoint.load_checkpoint(self, directory)
+
+    # --- introspection -------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, Any]:
+        """Full copies of the trainable parameters on rank 0 (``{}`` elsewhere; collective)."""
+        from areal_fsdp2.adapter_export import gather_trainable
+
+        self.require_sharded("gather the trainable parameters")
+        self.reshard()
+        return gather_trainable(self.model)

@@ -1,0 +1,60 @@
+"""Sharding (LoRA step 2 of 4): FSDP2 ``fully_shard`` per decoder layer and on the root.
+
+Frozen base weights and the trainable adapter of a layer share one FSDP unit (mixed dtypes are
+fine: a bfloat16 base and a float32 adapter). Gradients are SUMMED over ranks, not averaged:
+the loop's loss is already divided by its global normaliser, so the update must be that of the
+sum of every rank's micro-batch losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from areal_core.config import ActorConfig
+from areal_core.errors import ArealError
+
+from areal_fsdp2.model_loading import torch_dtype
+
+
+def decoder_layers(hf_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a Hugging Face model: the classes in its ``_no_split_modules``."""
+    block_names = set(getattr(hf_model, "_no_split_modules", None) or ())
+    layers = [module for module in hf_model.modules() if type(module).__name__ in block_names]
+    if not layers:
+        raise ArealError(
+            f"cannot find the decoder layers of {type(hf_model).__name__} (its _no_split_modules "
+            f"is {sorted(block_names)}); the fsdp2 engine shards Hugging Face causal LMs that "
+            f"declare their decoder layer class there"
+        )
+    return layers
+
+
+def mixed_precision_policy(actor: ActorConfig) -> MixedPrecisionPolicy:
+    """``actor.param_dtype`` ("" = the dtype each parameter has) and ``actor.reduce_dtype``."""
+    param_dtype = torch_dtype(actor.param_dtype, "actor.param_dtype") if actor.param_dtype else None
+    reduce_dtype = torch_dtype(actor.reduce_dtype, "actor.reduce_dtype")
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def shard_model(
+    model: torch.nn.Module, hf_model: torch.nn.Module, actor: ActorConfig, mesh: DeviceMesh
+) -> None:
+    """Shard ``model`` (the peft wrapper, or the HF model itself) in place over ``mesh``.
+
+    ``hf_model`` is the transformers model inside it (where the decoder layers and gradient
+    checkpointing live). Parameters move to the mesh's device as they are sharded.
+    """
+    if actor.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = mixed_precision_policy(actor)
+    for layer in decoder_layers(hf_model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # SUM instead of FSDP's default average. gloo has no pre-multiplied sum, so the
+            # divide factor of 1 must go through a plain SUM reduction.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
