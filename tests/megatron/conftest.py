@@ -28,18 +28,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def chosen_device() -> str:
+    """``AREAL_TEST_DEVICE`` (cpu or cuda), else cuda where a GPU is present, else cpu."""
+    chosen = os.environ.get("AREAL_TEST_DEVICE")
+    if chosen:
+        return chosen
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def launch(world_size: int, tp: int, cases: list[dict], models: dict, out: Path) -> dict:
     """Run ``cases`` on ``world_size`` worker processes; return {case name: rank 0's result}.
 
     Fails the test with the workers' output when a process fails or the launch times out.
     """
+    device = chosen_device()
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            pytest.skip(f"{world_size} ranks on CUDA need {world_size} GPUs, this machine has "
+                        f"{torch.cuda.device_count()}")
     out.mkdir(parents=True, exist_ok=True)
     plan = out / "plan.json"
     plan.write_text(json.dumps({"out": str(out), "tp": tp, "models": models, "cases": cases}))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
-    if os.environ.get("AREAL_TEST_DEVICE", "cpu") == "cpu":
-        env["AREAL_MEGATRON_CPU_MODE"] = "1"
+               WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1", AREAL_TEST_DEVICE=device)
+    if device == "cpu":
+        env["AREAL_MEGATRON_CPU_MODE"] = "1"  # the plugin's documented workaround for no GPU
+    else:
+        env.pop("AREAL_MEGATRON_CPU_MODE", None)
     procs = []
     for rank in range(world_size):
         log = open(out / f"rank{rank}.log", "w")

@@ -102,7 +102,10 @@ def train_steps(engine, ctx, steps):
 
 
 def case_train_export(ctx, arch, targets):
+    from areal_core.interfaces import Engine
+
     engine = build(ctx["models"][arch], ctx["tp"], targets=targets)
+    satisfies_protocol = isinstance(engine, Engine)
     initial = whole_adapter(engine)
     metrics = train_steps(engine, ctx, 3)
     exported = plugin.areal_export_adapter(backend="megatron", engine=engine,
@@ -126,7 +129,7 @@ def case_train_export(ctx, arch, targets):
     return {"exported": {"path": exported.path, "version": exported.version, "rank": exported.rank,
                          "alpha": exported.alpha, "target_modules": list(exported.target_modules),
                          "num_bytes": exported.num_bytes},
-            "metrics": metrics}
+            "metrics": metrics, "satisfies_protocol": satisfies_protocol}
 
 
 def case_checkpoint(ctx, arch):
@@ -200,7 +203,7 @@ def main(plan_path: str) -> int:
     plan = json.loads(Path(plan_path).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world > 1:
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("AREAL_TEST_DEVICE") != "cpu" else "gloo"
+        backend = "nccl" if os.environ.get("AREAL_TEST_DEVICE") == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world)
     out = Path(plan["out"])
     results = {}

@@ -41,9 +41,9 @@ def problems(config) -> list[str]:
 
 def test_declares_one_engine_without_importing_torch():
     code = ("import sys, areal_megatron.plugin as p; d = p.areal_declare_backends(); "
-            "print(d[0].name, d[0].kind, 'torch' in sys.modules, 'megatron' in sys.modules)")
+            "print(d[0].name, d[0].kind, d[0].lora.ready, 'torch' in sys.modules, 'megatron' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["megatron", "engine", "False", "False"]
+    assert out.stdout.split() == ["megatron", "engine", "True", "False", "False"]
 
 
 def test_hooks_answer_only_for_megatron(tiny_qwen2):

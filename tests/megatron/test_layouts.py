@@ -74,6 +74,7 @@ def test_exported_adapter_reproduces_megatron_logits_in_peft(layout, name, reque
 
     run = request.getfixturevalue(layout)
     result = case(run, name)
+    assert result["satisfies_protocol"]  # areal_core.interfaces.Engine
     exported = result["exported"]
     assert exported["version"] == 3 and exported["rank"] == 4 and exported["alpha"] == 8.0
     assert exported["target_modules"] == EXPECTED_TARGETS[name]

@@ -25,9 +25,14 @@ ENV_VAR = "AREAL_MEGATRON_CPU_MODE"
 _TRUE = ("1", "true", "yes", "on")
 
 
+def env_requested() -> bool:
+    """Whether ``AREAL_MEGATRON_CPU_MODE`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get(ENV_VAR, "").strip().lower() in _TRUE
+
+
 def requested(device: str = "auto") -> bool:
     """Whether the user opted in: the environment variable, or ``actor.device == "cpu"``."""
-    return os.environ.get(ENV_VAR, "").strip().lower() in _TRUE or device == "cpu"
+    return env_requested() or device == "cpu"
 
 
 class _CpuCuda(types.ModuleType):

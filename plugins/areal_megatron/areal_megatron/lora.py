@@ -118,12 +118,12 @@ class LoRAAdapter(torch.nn.Module):
 class LoRALinear(torch.nn.Module):
     """A megatron-core linear layer plus its adapter(s); same call and return as the layer."""
 
-    def __init__(self, to_wrap, placement: Placement, part_sizes: dict[str, int], group_info):
+    def __init__(self, to_wrap, placement: Placement, part_sizes: dict[str, int], local_groups: int):
         super().__init__()
         self.to_wrap = to_wrap
         self.placement = placement
-        self.part_sizes = part_sizes  # local output width of each part (for split adapters)
-        self.group_info = group_info  # (local heads, local groups, head_dim) for linear_qkv
+        self.part_sizes = part_sizes  # this rank's output width of each part (split adapters)
+        self.local_groups = local_groups  # query groups on this rank (linear_qkv's interleaving)
         self.adapter_enabled = True
 
     def adapters(self) -> dict[str, LoRAAdapter]:
@@ -148,12 +148,11 @@ class LoRALinear(torch.nn.Module):
                 pieces.append(out.new_zeros((*out.shape[:-1], self.part_sizes[part])))
         if kind == GATE_UP:
             return torch.cat(pieces, dim=-1)
-        heads, groups, head_dim = self.group_info
         moved = [p.movedim(-1, 0) for p in pieces]
-        return fused_layout.fuse_qkv(*moved, num_groups=groups).movedim(0, -1)
+        return fused_layout.fuse_qkv(*moved, num_groups=self.local_groups).movedim(0, -1)
 
 
-def _fused_part_sizes(target: LinearTarget, spec, tp_size: int) -> dict[str, int]:
+def _fused_part_sizes(target: LinearTarget, spec) -> dict[str, int]:
     """Whole-model output width of each projection of a fused layer."""
     if target.kind == QKV:
         return {"q": spec.num_heads * spec.head_dim, "k": spec.num_kv_heads * spec.head_dim,
@@ -203,10 +202,9 @@ def inject(model, spec, placements: list[Placement], rank: int, alpha: float, tp
             if isinstance(base, LoRALinear):
                 raise AdapterError("the model already carries LoRA adapters; inject once")
             in_f, out_f, row_parallel = _layer_dims(target, spec)
-            sizes = _fused_part_sizes(target, spec, tp_size)
-            group_info = (spec.num_heads // tp_size, spec.num_kv_heads // tp_size, spec.head_dim)
+            sizes = _fused_part_sizes(target, spec)
             local_sizes = {p: s // tp_size for p, s in sizes.items()}
-            wrapper = LoRALinear(base, placement, local_sizes, group_info)
+            wrapper = LoRALinear(base, placement, local_sizes, spec.num_kv_heads // tp_size)
             if not placement.parts:
                 wrapper.adapter = LoRAAdapter(in_f, out_f, rank, scale,
                                               base_is_row_parallel=row_parallel, config=config)
@@ -216,9 +214,11 @@ def inject(model, spec, placements: list[Placement], rank: int, alpha: float, tp
                             LoRAAdapter(in_f, sizes[part], rank, scale, base_is_row_parallel=False,
                                         config=config))
             setattr(parent, attr, wrapper)
-    names = [n for n, p in model.named_parameters() if ".adapter" in n]
+    names = []
     for name, param in model.named_parameters():
         param.requires_grad_(".adapter" in name)
+        if param.requires_grad:
+            names.append(name)
     return names
 
 

@@ -23,8 +23,7 @@ def areal_declare_backends():
             description="megatron-core engine: LoRA on tensor-parallel layers (TP x DP, no pipeline yet), "
                         "dense Llama/Qwen2",
             lora=LoraSupport(
-                status=LoraStatus.NOT_IMPLEMENTED,
-                reason="the megatron plugin's LoRA steps are not verified yet",
+                status=LoraStatus.READY,
                 peft_types=("lora",),
                 moe=False,
                 transports=(PEFT_DIRECTORY,),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from areal_core.config import RunConfig
 from areal_core.errors import AdapterError, ConfigError
 
@@ -36,7 +34,7 @@ def check_config(config: RunConfig) -> list[ConfigError]:
 
     actor = config.actor
     errors: list[ConfigError] = []
-    if actor.device == "cuda" and os.environ.get(cpu_mode.ENV_VAR, "").strip().lower() in cpu_mode._TRUE:
+    if actor.device == "cuda" and cpu_mode.env_requested():
         errors.append(ConfigError("actor.device", actor.device,
                                   f"{cpu_mode.ENV_VAR} asks for the CPU workaround but actor.device is cuda",
                                   f"unset {cpu_mode.ENV_VAR} to train on the GPU"))

@@ -77,10 +77,9 @@ def moe_reason(config: dict) -> str:
 def rope_theta(config: dict) -> float:
     """The rotary base; refuses rope scaling, which the Megatron model here does not apply."""
     params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling")
-    rope_type = params.get("rope_type", "default")
-    if scaling or rope_type not in ("default", None):
-        kind = rope_type if rope_type not in ("default", None) else (scaling or {}).get("rope_type", scaling)
+    scaling = config.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
         raise UnsupportedModel(
             f"config.json asks for rope scaling ({kind!r}); the megatron engine applies plain "
             f"rotary embeddings only, so its logits would differ from the HF model's"
