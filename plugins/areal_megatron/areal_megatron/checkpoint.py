@@ -151,7 +151,7 @@ def load(engine, directory: str | os.PathLike) -> None:
     if meta.get("format") != FORMAT:
         raise ArealError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
     expected = _meta(engine)
-    for key in ("tensor_parallel_size", "architecture", "lora_rank", "target_modules"):
+    for key in ("tensor_parallel_size", "architecture", "lora_rank", "lora_alpha", "target_modules"):
         if meta.get(key) != expected[key]:
             raise ArealError(
                 f"{path}: the checkpoint has {key}={meta.get(key)!r} but this run has "

@@ -21,6 +21,8 @@ import os
 import sys
 import types
 
+from areal_core.errors import ArealError
+
 ENV_VAR = "AREAL_MEGATRON_CPU_MODE"
 _TRUE = ("1", "true", "yes", "on")
 
@@ -93,13 +95,13 @@ def apply() -> int:
 
     Idempotent and cheap: call it again after importing more of megatron-core (the engine does
     so before every model call), since modules imported later still hold the real torch.
-    Raises RuntimeError where a GPU is present: there the workaround must not be used.
+    Raises ArealError where a GPU is present: there the workaround must not be used.
     """
     global _STAND_IN
     import torch
 
     if torch.cuda.is_available():
-        raise RuntimeError(
+        raise ArealError(
             f"the megatron CPU mode is a workaround for machines without a GPU, but a GPU is "
             f"present; unset {ENV_VAR} and set actor.device to auto or cuda"
         )
