@@ -27,8 +27,7 @@ def areal_declare_backends():
                 "(runtime LoRA loading; SGLang runs as its own process)"
             ),
             lora=LoraSupport(
-                status=LoraStatus.NOT_IMPLEMENTED,
-                reason="the sglang plugin's tests against a real SGLang are not passing yet",
+                status=LoraStatus.READY,
                 peft_types=("lora",),
                 moe=False,
                 # SGLang sizes its LoRA buffers from --max-lora-rank, which areal sets to

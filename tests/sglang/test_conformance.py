@@ -1,0 +1,24 @@
+"""The core's conformance kit for engine x sglang on the real SGLang server (agreement within 1e-4, float32)."""
+
+from __future__ import annotations
+
+import pytest
+
+from areal_core.testing.conformance import run_conformance
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "megatron"])
+def test_conformance_kit_passes_for_engine_x_sglang(engine, sglang_server, tiny_qwen2, tmp_path):
+    report = run_conformance(
+        engine, "sglang", tmp_path,
+        servers=[sglang_server.clients[0].base_url],
+        model_dir=tiny_qwen2,  # the model the session's server serves
+        overrides=[f"gconfig.lora_name=conformance-{engine}", "actor.device=cpu"],
+    )
+    assert report.agreement_max_abs <= 1e-4
+    assert report.adapter_effect_max_abs > 1e-3
+    assert report.generated_version == 1
+    # leave the shared server as it was found
+    sglang_server.clients[0].post_json("/unload_lora_adapter", {"lora_name": f"conformance-{engine}-v1"})
