@@ -87,15 +87,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def sum_over_ranks(local: dict[str, float]) -> dict[str, float]:
-    """Key-wise sums of every rank's ``local`` dict; keys may differ between ranks (collective)."""
-    total: dict[str, float] = {}
-    for metrics in gather_objects(local):
-        for key, value in metrics.items():
-            total[key] = total.get(key, 0.0) + float(value)
-    return dict(sorted(total.items()))
-
-
 def raise_together(local_error: str | None, error_type: type[Exception] = ArealError) -> None:
     """Raise ``error_type`` on every rank when any rank has an error (collective).
 

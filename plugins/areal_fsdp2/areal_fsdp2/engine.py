@@ -198,11 +198,12 @@ class FSDP2Engine:
     def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn) -> dict[str, float]:
         """One AdamW step on the sum over ranks and micro-batches of ``loss_fn``'s losses.
 
-        Returns the summed (over micro-batches and ranks) ``loss`` and metrics of ``loss_fn``,
-        ``num_sequences`` and ``num_tokens`` (summed over ranks), the global ``grad_norm``
-        before clipping, ``lr``, ``num_microbatches`` (run by every rank, after equalising),
-        ``dummy_microbatches`` (this rank's zero-weight fillers) and ``update_skipped`` (1 when
-        the gradient norm was not finite and no step was taken).
+        Returns, for THIS rank (the loop sums over ranks itself): ``loss`` and ``loss_fn``'s
+        metrics summed over this rank's micro-batches, ``num_sequences``, ``num_tokens`` and
+        ``dummy_microbatches`` (zero-weight fillers); and, the same on every rank: the global
+        ``grad_norm`` before clipping, ``lr``, ``num_microbatches`` (run by every rank, after
+        equalising) and ``update_skipped`` (1 when the gradient norm was not finite and no
+        step was taken).
         """
         self.require_sharded("train")
         if not callable(loss_fn):
@@ -240,9 +241,8 @@ class FSDP2Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        totals = distributed.sum_over_ranks(local)
         return {
-            **totals,
+            **local,
             "grad_norm": grad_norm,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "num_microbatches": float(count),
