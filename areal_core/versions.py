@@ -94,6 +94,20 @@ class AdapterVersions:
                 if version < oldest_kept and not self._in_flight.get(version)
             ]
 
+    def retire(self, name: str) -> bool:
+        """Forget ``name`` unless a request in flight uses it; True when forgotten (or unknown).
+
+        Atomic, unlike ``stale``/``forget``: a caller that unloads after ``retire`` returned
+        True knows no ``acquire`` can still hand the name out.
+        """
+        with self._lock:
+            for version, loaded_name in list(self._loaded.items()):
+                if loaded_name == name:
+                    if self._in_flight.get(version):
+                        return False
+                    del self._loaded[version]
+            return True
+
     def forget(self, name: str) -> None:
         """Record that ``name`` was unloaded."""
         with self._lock:

@@ -1,19 +1,62 @@
-"""Entry point of the areal-vllm plugin: declares the vllm server (its LoRA code is not written yet)."""
+"""Entry point of the areal-vllm plugin (group ``areal.plugins``): the ``vllm`` rollout server.
+
+Light on purpose: the registry imports it to list plugins and build the support matrix, so the
+HTTP client and the launcher are imported inside the hooks, and vLLM itself never is.
+"""
 
 from areal_core import hookimpl
-from areal_core.declarations import BackendDeclaration, LoraStatus, LoraSupport
+from areal_core.declarations import PEFT_DIRECTORY, BackendDeclaration, LoraStatus, LoraSupport
 
 from areal_vllm import __version__
+from areal_vllm.capabilities import ALLOWED_RANKS, MAX_RANK, UNSERVABLE_MODULES
+
+BACKEND = "vllm"
 
 
 @hookimpl
 def areal_declare_backends():
     return [
         BackendDeclaration(
-            name="vllm",
+            name=BACKEND,
             kind="server",
             version=__version__,
-            description="vLLM rollout server plugin for areal (an HTTP client; vLLM runs as its own server)",
-            lora=LoraSupport(status=LoraStatus.NOT_IMPLEMENTED, reason="the vllm plugin's LoRA steps are not written yet"),
+            description="vLLM OpenAI-compatible server with runtime LoRA loading (launched or given by address)",
+            lora=LoraSupport(
+                status=LoraStatus.READY,
+                peft_types=("lora",),
+                moe=False,
+                max_rank=MAX_RANK,
+                allowed_ranks=ALLOWED_RANKS,
+                transports=(PEFT_DIRECTORY,),
+                unservable_modules=UNSERVABLE_MODULES,
+                target_module_syntax="names",
+            ),
         )
     ]
+
+
+@hookimpl
+def areal_validate_config(backend, config):
+    if backend != BACKEND:
+        return None
+    from areal_vllm.validation import validate_config
+
+    return validate_config(config)
+
+
+@hookimpl
+def areal_build_rollout_server(backend, config):
+    if backend != BACKEND:
+        return None
+    from areal_vllm.rollout_server import VllmRolloutServer
+
+    # The core's loop keeps the version bookkeeping (what to unload when); the server follows it.
+    return VllmRolloutServer(config, unload_stale_versions=False)
+
+
+@hookimpl
+def areal_load_rollout_adapter(backend, server, adapter, lora_name):
+    if backend != BACKEND:
+        return None
+    server.load_adapter(adapter, lora_name)
+    return lora_name
