@@ -146,11 +146,17 @@ def save_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
     """
     engine.require_sharded("save a checkpoint")
     final = Path(directory).absolute()
-    staging_name = None
+    staging_name, error = None, None
     if engine.rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging_name = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
-    staging = Path(broadcast_object(staging_name))
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging_name = tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent)
+        except OSError as exc:
+            error = f"cannot write checkpoint {final}: {exc}"
+    staging_name, error = broadcast_object((staging_name, error))
+    if error:
+        raise CheckpointError(error)
+    staging = Path(staging_name)
 
     optimizer_started = bool(engine.optimizer.state)
     local_error = None
@@ -218,9 +224,15 @@ def load_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
     size). Optimizer hyper-parameters come from the configuration, not the checkpoint.
     """
     engine.require_sharded("load a checkpoint")
-    path = find_checkpoint(directory)
-    meta = json.loads((path / META_FILE).read_text())
-    _check_compatible(engine, meta, path)
+    # Every rank reads the directory itself; all stop together if any cannot use it.
+    path, meta, problem = None, None, None
+    try:
+        path = find_checkpoint(directory)
+        meta = json.loads((path / META_FILE).read_text())
+        _check_compatible(engine, meta, path)
+    except (CheckpointError, OSError, ValueError) as exc:
+        problem = str(exc)
+    raise_together(problem, CheckpointError)
 
     engine.reshard()
     state = {"model": _trainable_model_state(engine.model)}

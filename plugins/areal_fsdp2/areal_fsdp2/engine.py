@@ -62,7 +62,9 @@ class FSDP2Engine:
             raise ArealError(f"cannot {what}: the fsdp2 engine is {self.stage}; {before} first")
 
     def require_sharded(self, what: str) -> None:
-        self._require_stage("sharded", what, "run load_base_model, areal_inject_adapter and areal_shard_model")
+        self._require_stage(
+            "sharded", what, "run load_base_model, areal_inject_adapter and areal_shard_model"
+        )
 
     def load_base_model(self) -> None:
         """Load ``actor.path`` (local safetensors) on the CPU in ``actor.dtype``."""
@@ -141,6 +143,27 @@ class FSDP2Engine:
 
     # --- training calls ----------------------------------------------------------------------
 
+    def _inference(self, sequences, disable_adapter: bool, per_batch) -> list[torch.Tensor]:
+        """``per_batch(batch) -> one tensor per sequence`` over every micro-batch, no gradient.
+
+        Collective (dummy micro-batches fill up to the largest count of any rank); results are
+        float32 CPU tensors in the order of ``sequences``.
+        """
+        context = self._adapter_context(disable_adapter)
+        plan, count = self._schedule(sequences)
+        results: list[torch.Tensor | None] = [None] * len(sequences)
+        self.model.eval()
+        with torch.no_grad(), context:
+            for index in range(count):
+                if index >= len(plan):
+                    per_batch(self._dummy_sequence())
+                    continue
+                rows = per_batch([sequences[i] for i in plan[index]])
+                for i, row in zip(plan[index], rows):
+                    results[i] = row.float().cpu()
+        self.reshard()
+        return results
+
     def compute_logprobs(
         self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
     ) -> list[torch.Tensor]:
@@ -149,20 +172,10 @@ class FSDP2Engine:
         ``disable_adapter=True`` gives the base model's, from the same sharded model.
         """
         self.require_sharded("compute log-probabilities")
-        context = self._adapter_context(disable_adapter)
-        plan, count = self._schedule(sequences)
-        results: list[torch.Tensor | None] = [None] * len(sequences)
-        self.model.eval()
-        with torch.no_grad(), context:
-            for index in range(count):
-                if index >= len(plan):
-                    sequence_logprobs(self.model, self._dummy_sequence(), self.pad_id, self.device)
-                    continue
-                batch = [sequences[i] for i in plan[index]]
-                for i, logprobs in zip(plan[index], sequence_logprobs(self.model, batch, self.pad_id, self.device)):
-                    results[i] = logprobs.float().cpu()
-        self.reshard()
-        return results
+        return self._inference(
+            sequences, disable_adapter,
+            lambda batch: sequence_logprobs(self.model, batch, self.pad_id, self.device),
+        )
 
     def forward_logits(
         self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
@@ -172,18 +185,12 @@ class FSDP2Engine:
         A diagnostic beside the ``Engine`` protocol, for comparing with other implementations.
         """
         self.require_sharded("compute logits")
-        context = self._adapter_context(disable_adapter)
-        plan, count = self._schedule(sequences)
-        results: list[torch.Tensor | None] = [None] * len(sequences)
-        self.model.eval()
-        with torch.no_grad(), context:
-            for index in range(count):
-                batch = [sequences[i] for i in plan[index]] if index < len(plan) else self._dummy_sequence()
-                logits = forward_logits(self.model, batch, self.pad_id, self.device)
-                for row, i in enumerate(plan[index] if index < len(plan) else []):
-                    results[i] = logits[row, : len(sequences[i])].float().cpu()
-        self.reshard()
-        return results
+
+        def per_batch(batch):
+            logits = forward_logits(self.model, batch, self.pad_id, self.device)
+            return [logits[row, : len(sequence)] for row, sequence in enumerate(batch)]
+
+        return self._inference(sequences, disable_adapter, per_batch)
 
     def _run_loss(self, loss_fn: LossFn, logprobs: list[torch.Tensor], indices: list[int]):
         """``(loss, metrics)`` of one micro-batch; raises ArealError for a malformed answer."""
@@ -192,7 +199,9 @@ class FSDP2Engine:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ArealError(f"loss_fn must return a scalar tensor as its loss, not {type(loss).__name__}")
         if not loss.requires_grad:
-            raise ArealError("loss_fn returned a loss without gradient: build it from the log-probabilities it is given")
+            raise ArealError(
+                "loss_fn returned a loss without gradient: build it from the log-probabilities it is given"
+            )
         return loss.reshape(()), {key: float(value) for key, value in dict(metrics or {}).items()}
 
     def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn) -> dict[str, float]:

@@ -42,7 +42,10 @@ def refuse_unadaptable(model: torch.nn.Module, actor: ActorConfig) -> None:
     config = getattr(model, "config", None)
     refusal = moe_refusal(config.to_dict()) if config is not None else ""
     if not refusal and any(name.endswith(".experts") for name, _ in model.named_modules()):
-        refusal = "the model has expert modules (mixture of experts); the fsdp2 engine trains LoRA on dense models only"
+        refusal = (
+            "the model has expert modules (mixture-of-experts); the fsdp2 engine trains LoRA on "
+            "dense models only"
+        )
     if refusal:
         raise AdapterError(f"{refusal}; choose a dense model")
 

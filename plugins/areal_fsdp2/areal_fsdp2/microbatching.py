@@ -45,7 +45,8 @@ def sequence_problem(sequences: Sequence[Sequence[int]], vocab_size: int) -> str
                 f"two tokens (a prefix and a next token)"
             )
         for token in sequence:
-            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
+            is_id = isinstance(token, numbers.Integral) and not isinstance(token, bool)
+            if not is_id or not 0 <= token < vocab_size:
                 return (
                     f"sequence {index} holds token {token!r}, not an integer id in "
                     f"[0, {vocab_size}) (the model's vocabulary)"
