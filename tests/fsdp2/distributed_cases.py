@@ -198,7 +198,10 @@ def grad_equiv_data(step: int, rank: int, world_size: int):
 
 
 def grad_equiv_case(rec: Recorder, path: str, case: str) -> None:
-    engine = build(path, **GRAD_EQUIV_OPTIONS)
+    # Rank 1 draws another initial adapter: only the broadcast from rank 0 makes the two-rank
+    # run start where the one-rank run (seed 7) starts.
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    engine = build(path, seed=7 + 100 * rank, **GRAD_EQUIV_OPTIONS)
     metrics = []
     for step in range(len(GRAD_EQUIV_SPLITS)):
         mine, loss_fn = grad_equiv_data(step, engine.rank, engine.world_size)
