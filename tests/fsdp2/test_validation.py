@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from areal_core.config import ActorConfig, RunConfig
+from areal_core.config import ActorConfig, OptimizerConfig, RunConfig
 from areal_core.registry import Registry
 
 QWEN2_CONFIG = {
@@ -97,12 +97,6 @@ def test_dense_config_with_zero_experts_is_accepted(registry, tmp_path):
     assert check(registry, path=str(model_dir(tmp_path, config={**QWEN2_CONFIG, "num_experts": 0}))) == []
 
 
-def test_peft_type_other_than_lora_is_refused(registry, tmp_path):
-    message = only_error(check(registry, path=str(model_dir(tmp_path)), peft_type="loha"), "actor.peft_type")
-    assert "LoRA adapters only" in message and "peft_type: lora" in message
-    assert check(registry, path=str(model_dir(tmp_path)), peft_type="LORA") == []
-
-
 def test_target_modules_matching_nothing_list_the_linear_modules(registry, tmp_path):
     errors = check(registry, path=str(model_dir(tmp_path)), target_modules=["q_proj", "attn_qkv"])
     message = only_error(errors, "actor.target_modules")
@@ -121,18 +115,17 @@ def test_all_linear_mixed_with_names_is_refused(registry, tmp_path):
     assert "mixes 'all-linear'" in message
 
 
-def test_full_finetuning_skips_the_adapter_checks(registry, tmp_path):
-    path = str(model_dir(tmp_path))
-    assert check(registry, path=path, full_finetune=True, peft_type="loha", target_modules=["nope"]) == []
+def test_full_finetuning_skips_the_target_module_check(registry, tmp_path):
+    assert check(registry, path=str(model_dir(tmp_path)), full_finetune=True, target_modules=["nope"]) == []
 
 
-def test_engine_options_are_checked(registry, tmp_path):
+def test_engine_limits_are_checked(registry, tmp_path):
     errors = check(
-        registry, path=str(model_dir(tmp_path)), dtype="fp8", param_dtype="half", reduce_dtype="int8",
-        device="tpu", max_tokens_per_microbatch=1, tensor_parallel_size=2, lora_rank=0,
+        registry, path=str(model_dir(tmp_path)), max_tokens_per_microbatch=1, tensor_parallel_size=2,
+        optimizer=OptimizerConfig(lr=0.0, grad_clip=-1.0),
     )
     assert sorted(e.key for e in errors) == sorted([
-        "actor.dtype", "actor.param_dtype", "actor.reduce_dtype", "actor.device",
-        "actor.max_tokens_per_microbatch", "actor.tensor_parallel_size", "actor.lora_rank",
+        "actor.max_tokens_per_microbatch", "actor.tensor_parallel_size", "actor.optimizer.lr",
+        "actor.optimizer.grad_clip",
     ])
     assert all(e.problem for e in errors)

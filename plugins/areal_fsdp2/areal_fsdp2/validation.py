@@ -6,30 +6,16 @@ architecture outside ``model_inspection.KNOWN_LINEAR_MODULES`` (a meta-device bu
 
 from __future__ import annotations
 
-from areal_core.config import DTYPES, ActorConfig
+from areal_core.config import ActorConfig
 from areal_core.errors import ConfigError
 
 from areal_fsdp2 import model_inspection
 from areal_fsdp2.target_modules import TargetModuleError, resolve_target_modules
 
-DEVICES = ("auto", "cpu", "cuda")
 
-
-def _option_errors(actor: ActorConfig) -> list[ConfigError]:
+def _engine_option_errors(actor: ActorConfig) -> list[ConfigError]:
+    """Limits of this engine (dtypes, device, rank and peft type are the core's checks)."""
     errors = []
-    if actor.dtype not in DTYPES:
-        errors.append(ConfigError("actor.dtype", actor.dtype, "unknown dtype", f"use one of {DTYPES}"))
-    if actor.param_dtype not in ("",) + DTYPES:
-        errors.append(ConfigError(
-            "actor.param_dtype", actor.param_dtype, "unknown dtype",
-            f"use one of {DTYPES}, or '' to compute in the dtype the model is loaded in",
-        ))
-    if actor.reduce_dtype not in DTYPES:
-        errors.append(ConfigError(
-            "actor.reduce_dtype", actor.reduce_dtype, "unknown dtype", f"use one of {DTYPES}"
-        ))
-    if actor.device not in DEVICES:
-        errors.append(ConfigError("actor.device", actor.device, "unknown device", f"use one of {DEVICES}"))
     if actor.max_tokens_per_microbatch < 2:
         errors.append(ConfigError(
             "actor.max_tokens_per_microbatch", actor.max_tokens_per_microbatch,
@@ -50,30 +36,15 @@ def _option_errors(actor: ActorConfig) -> list[ConfigError]:
     return errors
 
 
-def _lora_errors(actor: ActorConfig) -> list[ConfigError]:
-    errors = []
-    if str(actor.peft_type).lower() != "lora":
-        errors.append(ConfigError(
-            "actor.peft_type", actor.peft_type,
-            "the fsdp2 engine trains LoRA adapters only", "set actor.peft_type: lora",
-        ))
-    if not isinstance(actor.lora_rank, int) or actor.lora_rank < 1:
-        errors.append(ConfigError("actor.lora_rank", actor.lora_rank, "must be an integer >= 1"))
-    if not actor.lora_alpha > 0:
-        errors.append(ConfigError("actor.lora_alpha", actor.lora_alpha, "must be positive"))
-    return errors
-
-
 def validate_actor(actor: ActorConfig) -> list[ConfigError]:
     """Every problem the fsdp2 engine sees in ``actor`` (empty when it can start).
 
-    Checks the engine options, the LoRA settings (unless ``full_finetune``), the model
-    directory (exists, config.json, safetensors weights, dense), and that every target module
-    names a linear module of the model.
+    Checks the engine's limits, the model directory (exists, config.json, safetensors weights,
+    dense, remote code trusted when it needs it), and that every target module names a linear
+    module of the model (unless ``full_finetune``). Single values the core checks for every
+    engine (dtypes, device, rank, alpha, peft type) are not repeated here.
     """
-    errors = _option_errors(actor)
-    if not actor.full_finetune:
-        errors += _lora_errors(actor)
+    errors = _engine_option_errors(actor)
     try:
         config = model_inspection.read_model_config(actor.path)
     except model_inspection.ModelDirError as exc:
