@@ -184,9 +184,10 @@ def launch_server(config: RunConfig, log_path: Path, *, api_key: str | None = No
         try:
             _wait_until_healthy(server, http, config.rollout.startup_timeout)
             return server
-        except ServerStartError as exc:
+        except BaseException as exc:  # interrupted too: never leave a half-started server behind
             server.stop()
-            if _PORT_IN_USE in str(exc).lower() and attempt + 1 < port_attempts:
+            if (isinstance(exc, ServerStartError) and _PORT_IN_USE in str(exc).lower()
+                    and attempt + 1 < port_attempts):
                 continue
             raise
         finally:
