@@ -176,4 +176,5 @@ def load_config_or_raise(path: str | Path | None, overrides: list[str] = ()) -> 
 
 def config_to_dict(config: Any) -> dict:
     """The resolved configuration as plain data (for the run directory and logs)."""
-    return attrs.asdict(config, recurse=True, retain_collection_types=False)
+    return attrs.asdict(config, recurse=True,
+                        value_serializer=lambda _, __, v: list(v) if isinstance(v, tuple) else v)

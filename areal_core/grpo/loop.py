@@ -64,8 +64,7 @@ class GRPOLoop:
         load_seconds = 0.0
         if self.comm.is_leader:
             _, load_seconds = self.publisher.publish(adapter)
-            self.run_dir.append_events(self.publisher.log)
-            self.publisher.log.clear()
+            self.run_dir.append_events(self.publisher.drain_log())
         self.version = version
         start = time.perf_counter()
         trainer = self.engine.compute_logprobs([self.probe])[0].tolist()
@@ -227,6 +226,7 @@ class GRPOLoop:
                     self.checkpoints.save(self.engine, step, self.version, self.position)
                 if self.comm.is_leader:
                     self.run_dir.append_metrics(record)
+                    self.run_dir.append_events(self.publisher.drain_log())
                     self.run_dir.plot()
                     if bar is not None:
                         postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",

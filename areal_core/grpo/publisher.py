@@ -8,6 +8,7 @@ request in flight uses it.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Sequence
 
@@ -23,7 +24,18 @@ class AdapterPublisher:
         self.backend = backend
         self.server = server
         self.versions = AdapterVersions(lora_name, window)
-        self.log: list[dict] = []  # every load and unload, in order
+        self._log: list[dict] = []  # every load, unload and generate call, in order
+        self._log_lock = threading.Lock()
+
+    def _record(self, event: str, name: str, **details) -> None:
+        with self._log_lock:
+            self._log.append({"event": event, "name": name, "time": time.time(), **details})
+
+    def drain_log(self) -> list[dict]:
+        """The events recorded since the last call (the loop appends them to events.jsonl)."""
+        with self._log_lock:
+            events, self._log = self._log, []
+        return events
 
     def adopt_server_state(self) -> None:
         """Names a server given by address already holds are never loaded again."""
@@ -37,7 +49,7 @@ class AdapterPublisher:
         self.registry.call("areal_load_rollout_adapter", self.backend, server=self.server,
                            adapter=adapter, lora_name=name)
         self.versions.confirm(adapter.version)
-        self.log.append({"event": "load", "name": name, "path": adapter.path, "time": time.time()})
+        self._record("load", name, path=adapter.path, version=adapter.version)
         self.unload_stale()
         return name, time.perf_counter() - start
 
@@ -46,7 +58,7 @@ class AdapterPublisher:
         for name in self.versions.stale():
             self.server.unload_adapter(name)
             self.versions.forget(name)
-            self.log.append({"event": "unload", "name": name, "time": time.time()})
+            self._record("unload", name)
             gone.append(name)
         return gone
 
@@ -54,6 +66,7 @@ class AdapterPublisher:
                  sampling: SamplingParams) -> list[list[Sample]]:
         """Samples from exactly ``version``; the version is held live while requests run."""
         name = self.versions.acquire(version)
+        self._record("generate", name, version=version, prompts=len(prompts), n=n)
         try:
             return self.server.generate(prompts, lora_name=name, version=version, n=n, sampling=sampling)
         finally:

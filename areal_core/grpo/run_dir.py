@@ -5,7 +5,7 @@
     adapters/v<N>/     the PEFT adapter of each kept version
     logs/              the rollout servers' logs
     plot.png           reward and accuracy against step, redrawn after every step
-    events.jsonl       adapter loads and unloads on the servers, in order
+    events.jsonl       adapter loads, unloads and generate calls (with the version each named), in order
 """
 
 from __future__ import annotations
