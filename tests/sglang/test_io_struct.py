@@ -31,7 +31,10 @@ def test_sglang_accepts_every_body_the_client_builds_and_refuses_a_broken_one(tm
         payloads.generate_payload([1, 5, 6], lora_name="lora-v1", n=1, sampling=SamplingParams()),
         payloads.generate_payload([1, 5, 6, 7], lora_name="lora-v2", n=8,
                                   sampling=SamplingParams(max_new_tokens=32, temperature=0.7, top_p=0.9,
-                                                          top_k=20, stop_token_ids=(2,), seed=5)),
+                                                          top_k=20, stop_token_ids=(2,))),
+        payloads.generate_payload([1, 5, 6, 7], lora_name="lora-v2", n=4, prompt_index=3,
+                                  sampling=SamplingParams(temperature=1.0, seed=5)),
+        payloads.generate_payload([1, 9], lora_name="lora-v2", n=1, sampling=SamplingParams(seed=5)),
         payloads.generate_payload([1], lora_name="lora-v3", n=2, sampling=SamplingParams(temperature=0.0)),
         payloads.prompt_logprobs_payload(list(range(1, 30)), lora_name="lora-v1"),
     ]
@@ -45,11 +48,14 @@ def test_sglang_accepts_every_body_the_client_builds_and_refuses_a_broken_one(tm
         "unload": [payloads.unload_payload("lora-v1")],
     }
     verdicts = {(v["kind"], v["index"]): v for v in run_check(bodies, tmp_path)}
-    assert len(verdicts) == 9
+    assert len(verdicts) == 11
     for index in range(len(generate)):
         assert verdicts[("generate", index)]["ok"], verdicts[("generate", index)]["error"]
     assert verdicts[("load", 0)]["ok"], verdicts[("load", 0)]["error"]
     assert verdicts[("unload", 0)]["ok"], verdicts[("unload", 0)]["error"]
-    assert not verdicts[("generate", 4)]["ok"] and "lora_paths" in verdicts[("generate", 4)]["error"]
-    assert not verdicts[("generate", 5)]["ok"] and "max_tokens" in verdicts[("generate", 5)]["error"]
+    misspelt_index, unknown_index = len(generate), len(generate) + 1
+    assert not verdicts[("generate", misspelt_index)]["ok"]
+    assert "lora_paths" in verdicts[("generate", misspelt_index)]["error"]
+    assert not verdicts[("generate", unknown_index)]["ok"]
+    assert "max_tokens" in verdicts[("generate", unknown_index)]["error"]
     assert not verdicts[("load", 1)]["ok"] and "lora_path" in verdicts[("load", 1)]["error"]

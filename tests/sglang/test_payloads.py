@@ -12,16 +12,28 @@ from areal_sglang import payloads
 def test_generate_payload_names_the_version_and_asks_for_logprobs():
     body = payloads.generate_payload(
         [1, 5, 6], lora_name="lora-v3", n=4,
-        sampling=SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, top_k=5,
-                                stop_token_ids=(2,), seed=11),
+        sampling=SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, top_k=5, stop_token_ids=(2,)),
     )
     assert body == {
         "input_ids": [1, 5, 6],
         "sampling_params": {"max_new_tokens": 7, "temperature": 0.8, "top_p": 0.9, "n": 4,
-                            "top_k": 5, "stop_token_ids": [2], "sampling_seed": 11},
+                            "top_k": 5, "stop_token_ids": [2]},
         "return_logprob": True,
         "lora_path": "lora-v3",
     }
+
+
+def test_seeded_samples_each_get_their_own_seed():
+    # SGLang's seeded sampling hashes (seed, position): one seed for n samples gives n copies.
+    body = payloads.generate_payload([1, 5], lora_name="lora-v1", n=3, prompt_index=2,
+                                     sampling=SamplingParams(seed=11))
+    assert body["input_ids"] == [[1, 5]] * 3 and body["lora_path"] == "lora-v1"
+    seeds = [params["sampling_seed"] for params in body["sampling_params"]]
+    assert seeds == payloads.sample_seeds(11, 2, 3) and len(set(seeds)) == 3
+    assert all(params["n"] == 1 for params in body["sampling_params"])
+    assert set(seeds).isdisjoint(payloads.sample_seeds(11, 3, 3))  # other prompts, other seeds
+    single = payloads.generate_payload([1, 5], lora_name="lora-v1", n=1, sampling=SamplingParams(seed=11))
+    assert single["input_ids"] == [1, 5] and single["sampling_params"]["sampling_seed"] == seeds[0] - 2 * 10_007
 
 
 def test_sampling_switches_that_are_off_are_left_out():

@@ -89,6 +89,12 @@ def test_n_samples_with_logprobs_tagged_with_their_version(client, tiny_qwen2, t
             assert sample.finish_reason in ("stop", "length")
     assert len({sample.output_ids for group in groups for sample in group}) > 1  # it samples
 
+    # Seeded calls are accepted and the samples of a prompt still differ from each other. (SGLang
+    # applies seeds only with --enable-deterministic-inference, which this server does not use.)
+    seeded = SamplingParams(max_new_tokens=6, temperature=1.0, seed=123)
+    groups = client.generate(PROMPTS, lora_name=f"{lora}-v5", version=5, n=4, sampling=seeded)
+    assert all(len({sample.output_ids for sample in group}) > 1 for group in groups)
+
 
 def test_a_window_of_one_keeps_the_previous_version_until_the_next_load(sglang_server, tiny_qwen2, tmp_path):
     config = client_config(tiny_qwen2, sglang_server.clients[0].base_url, "window1", tmp_path / "run", window=1)

@@ -41,23 +41,38 @@ def sampling_fields(sampling: SamplingParams, n: int) -> dict[str, Any]:
         fields["top_k"] = sampling.top_k
     if sampling.stop_token_ids:
         fields["stop_token_ids"] = list(sampling.stop_token_ids)
-    if sampling.seed is not None:
-        fields["sampling_seed"] = sampling.seed
     return fields
 
 
+def sample_seeds(seed: int, prompt_index: int, n: int) -> list[int]:
+    """Distinct seeds of the ``n`` samples of prompt ``prompt_index`` in a call seeded ``seed``.
+
+    SGLang's seeded sampling (applied when the server runs with
+    ``--enable-deterministic-inference``; ignored otherwise) draws from a hash of
+    (seed, position): samples sharing a seed would be identical, so each sample gets its own.
+    """
+    return [(seed * 1_000_003 + prompt_index * 10_007 + sample) % 2**31 for sample in range(n)]
+
+
 def generate_payload(
-    input_ids: Sequence[int], *, lora_name: str, n: int, sampling: SamplingParams
+    input_ids: Sequence[int], *, lora_name: str, n: int, sampling: SamplingParams,
+    prompt_index: int = 0,
 ) -> dict:
-    """The body of ``POST /generate``: ``n`` samples of one token-id prompt under ``lora_name``."""
-    return require_lora_path(
-        {
-            "input_ids": [int(token) for token in input_ids],
-            "sampling_params": sampling_fields(sampling, n),
-            "return_logprob": True,
-            "lora_path": lora_name,
-        }
-    )
+    """The body of ``POST /generate``: ``n`` samples of one token-id prompt under ``lora_name``.
+
+    Unseeded, one request with ``n``; seeded (``sampling.seed``), a batch of ``n`` copies of the
+    prompt, each with its own seed from ``sample_seeds(sampling.seed, prompt_index, n)``. Either
+    way SGLang answers with the ``n`` completions in order (a single dict when ``n`` is 1).
+    """
+    ids = [int(token) for token in input_ids]
+    if sampling.seed is None:
+        body = {"input_ids": ids, "sampling_params": sampling_fields(sampling, n)}
+    else:
+        seeds = sample_seeds(sampling.seed, prompt_index, n)
+        per_sample = [{**sampling_fields(sampling, 1), "sampling_seed": seed} for seed in seeds]
+        body = {"input_ids": [ids] * n, "sampling_params": per_sample} if n > 1 else \
+            {"input_ids": ids, "sampling_params": per_sample[0]}
+    return require_lora_path({**body, "return_logprob": True, "lora_path": lora_name})
 
 
 def prompt_logprobs_payload(token_ids: Sequence[int], *, lora_name: str) -> dict:

@@ -270,7 +270,8 @@ class SGLangRolloutServer:
     ) -> list[list[Sample]]:
         """``n`` samples per token-id prompt from version ``version`` (named ``lora_name``).
 
-        One request per prompt (SGLang samples its ``n`` completions), sent concurrently up to
+        One request per prompt (SGLang samples its ``n`` completions; with ``sampling.seed`` each
+        completion has a seed of its own), sent concurrently up to
         ``rollout.max_concurrent_requests`` and spread over the servers.
         """
         self._require_started()
@@ -282,8 +283,8 @@ class SGLangRolloutServer:
         self._acquire(lora_name, version)
         try:
             futures = [
-                self._pool.submit(self._generate_one, list(prompt), lora_name, version, n, sampling)
-                for prompt in prompts
+                self._pool.submit(self._generate_one, list(prompt), index, lora_name, version, n, sampling)
+                for index, prompt in enumerate(prompts)
             ]
             # Every request ends before the version is released (and may be unloaded).
             concurrent.futures.wait(futures)
@@ -292,9 +293,12 @@ class SGLangRolloutServer:
             self._release(version)
 
     def _generate_one(
-        self, prompt: list[int], lora_name: str, version: int, n: int, sampling: SamplingParams
+        self, prompt: list[int], index: int, lora_name: str, version: int, n: int,
+        sampling: SamplingParams,
     ) -> list[Sample]:
-        payload = payloads.generate_payload(prompt, lora_name=lora_name, n=n, sampling=sampling)
+        payload = payloads.generate_payload(
+            prompt, lora_name=lora_name, n=n, sampling=sampling, prompt_index=index
+        )
         answer = self._post_generate(payload)
         answers = answer if isinstance(answer, list) else [answer]
         if len(answers) != n:
