@@ -67,7 +67,7 @@ def test_cpu_mode_adds_the_cpu_engine_flags_and_the_workarounds_path_only_to_the
     spec = launch_spec(run_config(model_dir), port=1)
     command = server_command(spec, "python")
     assert flag(command, "--device") == "cpu" and flag(command, "--attention-backend") == "torch_native"
-    assert flag(command, "--lora-backend") == "torch_native"
+    assert flag(command, "--lora-backend") == "torch_native" and "--sleep-on-idle" in command
     env = server_environment(spec, base={"PYTHONPATH": "/elsewhere"})
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert env["PYTHONPATH"].split(os.pathsep) == [cpu_server.PATH, "/elsewhere"]
