@@ -74,6 +74,7 @@ class RolloutConfig:
     startup_timeout: float = 300.0
     request_timeout: float = 120.0
     max_concurrent_requests: int = 32
+    max_restarts: int = 3  # recoveries of a server that died or went away, per run (0: stop at once)
     api_key_env: str = ""  # name of the environment variable holding a remote server's API key
     extra_args: list[str] = attrs.field(factory=list, converter=_list_of_str)
 
@@ -104,6 +105,7 @@ class TrainConfig:
     kl_coef: float = 0.0
     keep_adapters: int = 0  # adapter directories kept on disk (0 = all)
     checkpoint_every: int = 0  # steps between checkpoints (0 = at the end only)
+    collective_timeout: float = 600.0  # seconds a rank waits in a collective for the others
 
 
 @attrs.frozen

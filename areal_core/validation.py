@@ -90,6 +90,8 @@ def check_values(config: RunConfig) -> list[ConfigError]:
         _check(errors, value > 0, f"rollout.{key}", value, "must be > 0 seconds", "use e.g. 300")
     _check(errors, r.max_concurrent_requests >= 1, "rollout.max_concurrent_requests",
            r.max_concurrent_requests, "must be >= 1", "use e.g. 32")
+    _check(errors, r.max_restarts >= 0, "rollout.max_restarts", r.max_restarts, "must be >= 0",
+           "use e.g. 3, or 0 to stop the run when a rollout server dies")
     _check(errors, r.max_model_len >= 2, "rollout.max_model_len", r.max_model_len, "must be >= 2",
            "use the longest prompt + max_new_tokens, e.g. 256")
 
@@ -121,6 +123,8 @@ def check_values(config: RunConfig) -> list[ConfigError]:
            "use 0 to keep every adapter version")
     _check(errors, t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
            "must be >= 0", "use 0 to checkpoint only at the end")
+    _check(errors, t.collective_timeout > 0, "train.collective_timeout", t.collective_timeout,
+           "must be > 0 seconds", "use e.g. 600; a rank that stops answering is detected after this long")
     _check(errors, bool(config.output_dir), "output_dir", config.output_dir, "must be set",
            "give a directory for the run, e.g. runs/my-run")
     return errors

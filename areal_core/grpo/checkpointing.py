@@ -5,7 +5,9 @@
     checkpoints/latest                    the name of the newest complete checkpoint
 
 A checkpoint is assembled in a hidden staging directory and renamed into place; ``latest`` is
-replaced atomically afterwards. A crash at any moment leaves the previous checkpoint usable.
+replaced atomically afterwards. A crash at any moment leaves the previous checkpoint usable; a
+write that fails (disk full, ...) removes its staging directory and raises ``CheckpointWriteError``
+on every rank, naming the checkpoint ``latest`` still points at.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import random
 import shutil
 from pathlib import Path
 
-from areal_core.grpo.comm import Comm
+from areal_core.errors import ArealError
+from areal_core.grpo.comm import Comm, is_peer_failure
+
+
+class CheckpointWriteError(ArealError):
+    """A checkpoint could not be written; the previous one is intact."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -34,16 +41,19 @@ class Checkpoints:
         self.comm = comm
 
     def save(self, engine, step: int, version: int, position: int) -> Path:
-        """Collective: every rank calls it; rank 0 assembles and publishes the checkpoint."""
+        """Collective: every rank calls it; rank 0 assembles and publishes the checkpoint.
+
+        :raises CheckpointWriteError: on every rank, when any part could not be written.
+        """
         name = f"step-{step:06d}"
         final = self.root / name
         staging = self.root / f".{name}.partial"
-        if self.comm.is_leader:
+
+        def prepare() -> None:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-        self.comm.broadcast(None)
-        engine.save_checkpoint(str(staging / "engine"))
-        if self.comm.is_leader:
+
+        def commit() -> None:
             state = {"step": step, "version": version, "position": position,
                      "python_rng": _encode_rng(random.getstate())}
             _write_atomic(staging / "loop.json", json.dumps(state))
@@ -51,15 +61,45 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.rename(staging, final)
             _write_atomic(self.root / "latest", name + "\n")
-        self.comm.broadcast(None)
+
+        try:
+            self.comm.leader_result(prepare)
+            engine.save_checkpoint(str(staging / "engine"))
+            self.comm.leader_result(commit)
+        except BaseException as exc:  # torch's CheckpointException is a BaseException
+            if self.comm.is_leader:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or is_peer_failure(exc):
+                raise  # not a write problem
+            previous = self._latest_name()
+            kept = (f"checkpoints/latest still names {previous}, which stays loadable" if previous
+                    else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"the checkpoint of step {step} could not be written ({_reason(exc)}); nothing of it "
+                f"was kept and {kept}. Fix the cause (e.g. free space under {self.root}) and continue "
+                f"with resume=true"
+            ) from exc
         return final
 
-    def latest(self) -> tuple[Path, dict] | None:
-        pointer = self.root / "latest"
-        if not pointer.exists():
+    def _latest_name(self) -> str | None:
+        try:
+            return (self.root / "latest").read_text().strip() or None
+        except OSError:
             return None
-        path = self.root / pointer.read_text().strip()
-        state = json.loads((path / "loop.json").read_text())
+
+    def latest(self) -> tuple[Path, dict] | None:
+        name = self._latest_name()
+        if name is None:
+            return None
+        path = self.root / name
+        try:
+            state = json.loads((path / "loop.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ArealError(
+                f"{self.root / 'latest'} names {name}, but {path / 'loop.json'} cannot be read ({exc}); "
+                f"the checkpoint directory was changed by hand. Point latest at another step-* "
+                f"directory or start without resume"
+            ) from exc
         return path, state
 
     def restore(self, engine) -> dict | None:
@@ -71,6 +111,15 @@ class Checkpoints:
         engine.load_checkpoint(str(path / "engine"))
         random.setstate(_decode_rng(state["python_rng"]))
         return state
+
+
+def _reason(error: BaseException) -> str:
+    """What failed, in one line; a distributed checkpoint's error names each rank's own."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = [(rank, pair[0] if isinstance(pair, tuple) else pair) for rank, pair in sorted(failures.items())]
+        return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in inner)
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
 
 
 def _encode_rng(state):

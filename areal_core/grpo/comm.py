@@ -1,18 +1,60 @@
-"""The few collectives the loop needs, over torch.distributed when there are several ranks."""
+"""The few collectives the loop needs, over torch.distributed when there are several ranks.
+
+Two kinds of waiting, with two bounds. Training collectives (``sum``, and the engine's own) find
+every rank busy with the same work, so a rank that does not arrive within the process group's
+timeout (``train.collective_timeout``) is dead or hung, and the collective fails. A
+``broadcast`` from rank 0 is different: the other ranks wait while rank 0 alone talks to the
+rollout servers (rollouts, loads, evaluation, a server restart), which may take much longer. So
+before each broadcast they wait for rank 0's go-ahead on the rendezvous store, for at most
+``leader_wait_timeout`` seconds, in short slices that leave signals (Ctrl-C, SIGTERM) handled;
+the broadcast itself then meets every rank ready and needs only the short timeout.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
+
+from areal_core.errors import ArealError
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank died, hung or left."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
+                                      "Broken pipe"))
+
+
+class LeaderFailed(ArealError):
+    """Raised on the other ranks when rank 0's part of the work failed (rank 0 raises its own)."""
 
 
 class Comm:
-    def __init__(self):
+    """Rank, world size and the loop's collectives.
+
+    :param leader_wait_timeout: seconds a rank other than 0 waits for rank 0 to reach a
+        broadcast; None (or one rank) broadcasts at once, waiting inside the collective.
+    """
+
+    def __init__(self, leader_wait_timeout: float | None = None):
         import torch.distributed as dist
 
         self._dist = dist
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
         self.world_size = dist.get_world_size() if self.active else 1
+        self.leader_wait_timeout = leader_wait_timeout
+        self._sequence = 0
+        self._store = None
+        if self.world_size > 1 and leader_wait_timeout:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            self._store = dist.PrefixStore("areal-leader/", _get_default_store())
 
     @property
     def is_leader(self) -> bool:
@@ -22,9 +64,66 @@ class Comm:
         """Rank 0's ``obj`` on every rank (the others pass anything, e.g. None)."""
         if self.world_size == 1:
             return obj
+        self._sequence += 1
+        key = str(self._sequence)
+        if self._store is not None:
+            if self.is_leader:
+                self._store.set(key, b"1")
+            else:
+                self._wait_for_leader(key)
         box = [obj]
         self._dist.broadcast_object_list(box, src=0)
+        if self._store is not None and self.is_leader:
+            # Every rank saw the key before it joined the broadcast that just completed.
+            self._store.delete_key(key)
         return box[0]
+
+    def leader_result(self, compute: Callable[[], Any]) -> Any:
+        """Rank 0 runs ``compute``; every rank returns its result, or every rank raises.
+
+        Rank 0 re-raises its own exception; the others raise ``LeaderFailed`` with its message,
+        so that no rank waits for rank 0 after rank 0 gave up. KeyboardInterrupt and SystemExit
+        are not broadcast: every rank receives its own signal.
+        """
+        outcome, error = None, None
+        if self.is_leader:
+            try:
+                outcome = ("ok", compute())
+            except Exception as exc:
+                error = exc
+                outcome = ("error", f"{type(exc).__name__}: {exc}")
+        try:
+            outcome = self.broadcast(outcome)
+        except Exception:
+            if error is not None:  # the other ranks are gone: rank 0's own error says more
+                raise error
+            raise
+        if outcome[0] == "error":
+            if error is not None:
+                raise error
+            raise LeaderFailed(f"rank 0 stopped the run: {outcome[1]}")
+        return outcome[1]
+
+    def _wait_for_leader(self, key: str) -> None:
+        # Short polls (store.wait with a timeout logs a warning each time it expires); between
+        # them Python handles signals.
+        started = time.monotonic()
+        while True:
+            try:
+                if self._store.check([key]):
+                    return
+                problem = None
+            except Exception as exc:  # the store is gone (torchrun ended): keep to the bound
+                problem = exc
+            waited = time.monotonic() - started
+            if waited >= self.leader_wait_timeout:
+                raise ArealError(
+                    f"rank {self.rank} waited {waited:.0f} s for rank 0 to finish its work with the "
+                    f"rollout servers and it never came{f' ({problem})' if problem else ''}; rank 0 is "
+                    f"hung or gone. The bound is train.collective_timeout + (rollout.max_restarts + 1) "
+                    f"x rollout.startup_timeout"
+                )
+            time.sleep(0.05 if waited < 5 else 0.2)
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Element-wise sum over ranks of a dict with the same keys on every rank."""

@@ -5,7 +5,9 @@ step >= s - 1 - K (at most K versions behind the one it is trained against): the
 generating batch s as soon as that version is live, so with K >= 1 generation overlaps the
 previous step's training. K = 0 is the synchronous loop (batch s waits for the update of step
 s - 1). Steps and versions are counted apart: after a resume, version numbers run ahead of steps.
-Every batch records the version that produced each sample.
+Every batch records the version that produced each sample. A batch is whole or absent: when a
+generate call fails, the producer hands the exception to the loop and stops; after recovering the
+server, the loop starts a new producer at the same step and data position.
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ class RolloutProducer:
             self._live_version, self._live_step = version, step
             self._version_changed.notify_all()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop producing; with ``timeout``, also wait that long for a request in flight to end."""
         self._stop.set()
         with self._version_changed:
             self._version_changed.notify_all()
+        if timeout is not None and self._thread.is_alive():
+            self._thread.join(timeout)
 
     def next_batch(self) -> dict:
         """The next batch, in step order; re-raises what failed in the producer."""
@@ -77,25 +82,35 @@ class RolloutProducer:
                 self._version_changed.wait(timeout=1.0)
             return None if self._stop.is_set() else self._live_version
 
+    def _put(self, item) -> None:
+        """Queue ``item``, unless the producer is stopped while the queue is full."""
+        while not self._stop.is_set():
+            try:
+                self._batches.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
     def _run(self) -> None:
         try:
             for step in range(self.first_step, self.last_step + 1):
                 version = self._wait_for_version(step - 1 - self.k)
                 if version is None:
                     return
-                self._batches.put(self._produce(step, version))
+                self._put(self._produce(step, version))
         except BaseException as exc:  # handed to the loop, which raises it on rank 0
-            self._batches.put(exc)
+            self._put(exc)
 
     def _produce(self, step: int, version: int) -> dict:
         started = time.time()
         records = self.dataset.train_batch(self.position, self.batch_size)
-        self.position += self.batch_size
         sampling = self.sampling
         if self.seed is not None:  # reproducible rollouts: the same step draws the same samples
             sampling = attrs.evolve(sampling, seed=(self.seed * 1_000_003 + step * 10_007) % 2**31)
+        # All samples of the batch or an exception: a batch is never cut short.
         groups = self.publisher.generate([r["prompt_ids"] for r in records], version, self.n_samples,
                                          sampling)
+        self.position += self.batch_size
         rewards = [[float(self.reward_fn(r, s.output_ids)) for s in group] for r, group in zip(records, groups)]
         flat = [r for group in rewards for r in group]
         return {

@@ -4,7 +4,11 @@
         -m areal_core.grpo.worker CONFIG [key=value ...]
 
 Rank 0 builds the rollout server client (launching a server, or connecting to
-``rollout.servers``), and stops what it launched on the way out, whatever happens.
+``rollout.servers``), and stops what it launched on the way out, whatever happens: an error,
+Ctrl-C (SIGINT) or torchrun's SIGTERM after another rank died (both become exceptions here, and
+further signals are ignored until the servers are stopped). Every collective times out after
+``train.collective_timeout`` seconds, so a rank that dies or hangs stops the others; a failure
+ends with one clear line per rank on stderr and exit status 1 (130 when interrupted).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 import sys
+import traceback
 
 
 def _init_distributed(config) -> str:
@@ -26,10 +32,35 @@ def _init_distributed(config) -> str:
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(seconds=config.train.collective_timeout)
+        dist.init_process_group(backend=backend, timeout=timeout)
     if device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return device
+
+
+def leader_wait_timeout(config) -> float:
+    """How long the other ranks wait for rank 0's work with the servers (server start-ups and
+    restarts included) before they decide rank 0 is hung or gone."""
+    rollout = config.rollout
+    return config.train.collective_timeout + (rollout.max_restarts + 1) * rollout.startup_timeout
+
+
+class Terminated(SystemExit):
+    """SIGTERM (torchrun stopping the ranks after another one failed) as an exception."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the clean-up must run to its end
+    raise Terminated(128 + signum)
+
+
+def _ignore_termination_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
 
 
 def _seed(seed: int, rank: int) -> None:
@@ -45,12 +76,13 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     from areal_core.grpo.loop import GRPOLoop
     from areal_core.grpo.publisher import AdapterPublisher
     from areal_core.grpo.run_dir import RunDirectory
+    from areal_core.grpo.server_processes import record_launched_servers
     from areal_core.registry import default_registry
     from areal_core.tasks import get_dataset, get_reward
 
     config = load_config_or_raise(config_path, overrides)
     _init_distributed(config)
-    comm = Comm()
+    comm = Comm(leader_wait_timeout=leader_wait_timeout(config))
     _seed(config.train.seed, comm.rank)
     registry = default_registry()
     run_dir = RunDirectory(config.output_dir)
@@ -70,14 +102,22 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
         publisher = None
         if comm.is_leader:
             server = registry.build_rollout_server(config.rollout.backend, config)
-            server.start()
-            publisher = AdapterPublisher(registry, config.rollout.backend, server,
-                                         config.gconfig.lora_name, config.rollout.max_head_offpolicyness)
+            publisher = AdapterPublisher(registry, config.rollout.backend, server, config.gconfig.lora_name,
+                                         config.rollout.max_head_offpolicyness, base_model_path=actor.path)
+
+        def start_servers() -> None:
+            try:
+                server.start()
+            finally:
+                record_launched_servers()  # even a half-started server must not outlive the run
             publisher.adopt_server_state()
-        comm.broadcast(None)  # every rank waits until the servers are up
-        loop = GRPOLoop(config, registry, engine, comm, run_dir, dataset, reward_fn, publisher)
+
+        comm.leader_result(start_servers)  # every rank waits until the servers are up
+        loop = GRPOLoop(config, registry, engine, comm, run_dir, dataset, reward_fn, publisher,
+                        on_server_restarted=record_launched_servers)
         summary = loop.run()
     finally:
+        _ignore_termination_signals()  # a second Ctrl-C or SIGTERM must not cut the clean-up short
         if server is not None:
             server.stop()
         engine.close()
@@ -112,12 +152,51 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print("usage: python -m areal_core.grpo.worker CONFIG [key=value ...]", file=sys.stderr)
         return 2
-    run_worker(argv[0], argv[1:])
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        run_worker(argv[0], argv[1:])
+    except BaseException as exc:  # noqa: BLE001 - every way out gets its one clear line
+        code = _report_failure(exc)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not via the interpreter's teardown: a broken process group can hang it
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _report_failure(exc: BaseException) -> int:
+    """Print why this rank stopped, in one line a user can act on; return the exit status."""
+    from areal_core.errors import ArealError
+    from areal_core.grpo.comm import LeaderFailed, is_peer_failure
+
+    rank = os.environ.get("RANK", "0")
+    prefix = f"areal train: rank {rank}:"
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prefix} interrupted (Ctrl-C); the servers it launched are stopped", file=sys.stderr)
+        return 130
+    if isinstance(exc, Terminated):
+        print(f"{prefix} stopped by SIGTERM (another rank failed, or the job was cancelled); the "
+              f"servers it launched are stopped", file=sys.stderr)
+        return 143
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, LeaderFailed):
+        print(f"{prefix} stopping with rank 0 (its message says why)", file=sys.stderr)
+    elif isinstance(exc, ArealError):
+        print(f"{prefix} {exc}", file=sys.stderr)
+    elif is_peer_failure(exc):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(". This is typically caused")[0]  # gloo's boilerplate
+        print(f"{prefix} lost another training rank: it died, or did not answer a collective within "
+              f"train.collective_timeout ({first}); this rank stopped too, with the servers it launched",
+              file=sys.stderr)
+    else:
+        traceback.print_exception(exc)
+        print(f"{prefix} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
