@@ -37,7 +37,8 @@ def sglang_server(tiny_qwen2, tmp_path_factory):
     """ONE real SGLang server for the whole session, launched by areal-sglang's own launcher.
 
     A started ``SGLangRolloutServer`` that owns the server process (CPU engine, tiny Qwen2,
-    float32, ``--max-lora-rank 8``, target modules ``all``, up to 8 resident adapters). Tests
+    float32, ``--max-lora-rank 8``, target modules ``all``, up to 8 resident adapters,
+    ``rollout.max_model_len`` 256). Tests
     that need their own version bookkeeping connect another client to ``clients[0].base_url``
     with a ``gconfig.lora_name`` of their own. Needs the server venv: ``make sglang-venv``.
     """
@@ -52,7 +53,7 @@ def sglang_server(tiny_qwen2, tmp_path_factory):
         pytest.fail(f"the SGLang tests need the server venv: {exc}")
     config = RunConfig(
         actor=ActorConfig(path=str(tiny_qwen2), lora_rank=8, lora_alpha=16, device="cpu"),
-        rollout=RolloutConfig(backend="sglang", max_loras=8, max_model_len=512, max_num_seqs=16),
+        rollout=RolloutConfig(backend="sglang", max_loras=8, max_model_len=256, max_num_seqs=16),
         gconfig=GenerationConfig(lora_name="session"),
         output_dir=str(tmp_path_factory.mktemp("sglang-session")),
     )

@@ -17,7 +17,7 @@ def client_config(model_dir, address: str, lora_name: str, output_dir, *, window
     return RunConfig(
         actor=ActorConfig(path=str(model_dir), lora_rank=lora_rank, lora_alpha=16, device="cpu"),
         rollout=RolloutConfig(backend="sglang", servers=[address], max_head_offpolicyness=window,
-                              max_loras=8, max_model_len=512, request_timeout=60.0),
+                              max_loras=8, max_model_len=256, request_timeout=60.0),
         gconfig=GenerationConfig(lora_name=lora_name),
         output_dir=str(output_dir),
     )

@@ -55,12 +55,21 @@ def test_all_linear_is_sglangs_all_and_max_loras_raises_the_resident_adapters(mo
     assert flag(command, "--max-loaded-loras") == "9"
 
 
+def test_inputs_of_max_model_len_tokens_fit_sglangs_context(model_dir, tmp_path):
+    # SGLang accepts inputs shorter than --context-length - 6 tokens; vLLM up to max_model_len.
+    assert launch_spec(run_config(model_dir, max_model_len=64), port=1).context_length == 71
+    capped = tmp_path / "capped"
+    capped.mkdir()
+    (capped / "config.json").write_text((model_dir / "config.json").read_text()[:-1] + ', "max_position_embeddings": 66}')
+    assert launch_spec(run_config(capped, max_model_len=64), port=1).context_length == 66
+
+
 def test_kv_cache_bytes_become_tokens(model_dir):
     assert kv_bytes_per_token(model_dir, "float32") == 2 * 2 * 2 * 16 * 4
     spec = launch_spec(run_config(model_dir, kv_cache_bytes=512 * 1000, max_model_len=256), port=1)
     assert spec.max_total_tokens == 1000
     small = launch_spec(run_config(model_dir, kv_cache_bytes=512, max_model_len=256), port=1)
-    assert small.max_total_tokens == 256  # never below one full context
+    assert small.max_total_tokens == small.context_length == 263  # never below one full context
 
 
 def test_cpu_mode_adds_the_cpu_engine_flags_and_the_workarounds_path_only_to_the_server(model_dir):

@@ -127,3 +127,10 @@ def test_a_connected_client_never_reloads_a_name_the_server_already_holds(sglang
         first.unload_adapter("resumed-v3")
         first.stop()
         second.stop()
+
+
+def test_a_prompt_of_max_model_len_tokens_is_served(client, tiny_qwen2, tmp_path):
+    lora = client.versions.lora_name
+    client.load_adapter(write_adapter(tmp_path / "v1", tiny_qwen2, version=1, seed=31), f"{lora}-v1")
+    longest = [1] + [5 + i % 20 for i in range(client.config.rollout.max_model_len - 1)]
+    assert len(client.prompt_logprobs(longest, lora_name=f"{lora}-v1")) == len(longest) - 1

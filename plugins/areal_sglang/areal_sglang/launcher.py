@@ -73,6 +73,24 @@ def kv_bytes_per_token(model_path: str | os.PathLike, dtype: str) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * element
 
 
+#: SGLang 0.5.23 accepts inputs shorter than ``--context-length - 6`` tokens (tp_worker.py: one
+#: for the next token, five in reserve; managers/utils.py refuses ``>=``); vLLM accepts
+#: ``max_model_len``. The context is raised by this much so that ``rollout.max_model_len`` means
+#: the same on both.
+SGLANG_RESERVED_TOKENS = 7
+
+
+def context_length(model_path: str | os.PathLike, max_model_len: int) -> int:
+    """``--context-length`` under which inputs of ``max_model_len`` tokens are accepted.
+
+    Capped at the model's ``max_position_embeddings``, which SGLang refuses to exceed.
+    """
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    wanted = max_model_len + SGLANG_RESERVED_TOKENS
+    limit = config.get("max_position_embeddings")
+    return min(wanted, limit) if limit else wanted
+
+
 @attrs.frozen
 class LaunchSpec:
     """Everything that decides an SGLang server's command line and environment.

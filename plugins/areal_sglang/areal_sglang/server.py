@@ -25,7 +25,13 @@ from areal_core.versions import AdapterVersions, live_versions_needed
 
 from areal_sglang import payloads
 from areal_sglang.http_client import HttpClient
-from areal_sglang.launcher import LaunchSpec, ServerProcess, free_port, kv_bytes_per_token
+from areal_sglang.launcher import (
+    LaunchSpec,
+    ServerProcess,
+    context_length,
+    free_port,
+    kv_bytes_per_token,
+)
 from areal_sglang.target_modules import sglang_target_modules
 
 logger = logging.getLogger(__name__)
@@ -43,6 +49,7 @@ def launch_spec(config: RunConfig, port: int) -> LaunchSpec:
     rollout, actor = config.rollout, config.actor
     max_loaded = max(rollout.max_loras, live_versions_needed(rollout.max_head_offpolicyness))
     kv_tokens = rollout.kv_cache_bytes // kv_bytes_per_token(actor.path, rollout.dtype)
+    context = context_length(actor.path, rollout.max_model_len)
     return LaunchSpec(
         model_path=str(Path(actor.path).absolute()),
         host=rollout.host,
@@ -51,10 +58,10 @@ def launch_spec(config: RunConfig, port: int) -> LaunchSpec:
         max_lora_rank=actor.lora_rank,
         target_modules=tuple(sglang_target_modules(actor.target_modules)),
         max_loaded_loras=max_loaded,
-        context_length=rollout.max_model_len,
+        context_length=context,
         max_running_requests=rollout.max_num_seqs,
         # At least one full context, so that any single request fits.
-        max_total_tokens=max(kv_tokens, rollout.max_model_len),
+        max_total_tokens=max(kv_tokens, context),
         cpu=wants_cpu(config),
         extra_args=tuple(rollout.extra_args),
         api_key=os.environ.get(rollout.api_key_env, "") if rollout.api_key_env else "",
