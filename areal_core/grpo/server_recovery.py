@@ -74,7 +74,7 @@ class ServerRecovery:
         self.adapter_dir = adapter_dir
         self.on_started = on_started
         self.on_event = on_event or (lambda: None)
-        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = say or _say
         self.recoveries = 0
 
     @property
@@ -158,6 +158,16 @@ class ServerRecovery:
                 ) from error
             time.sleep(min(delay, max(self.startup_timeout - waited, 0.0)))
             delay *= 2
+
+
+def _say(line: str) -> None:
+    """A line on stderr that does not run into a progress bar drawn there."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _first_line(error: BaseException) -> str:

