@@ -142,7 +142,10 @@ def server_command(spec: LaunchSpec, python: str) -> list[str]:
             "--attention-backend", "torch_native",
             "--sampling-backend", "pytorch",
             "--lora-backend", "torch_native",
-            "--mem-fraction-static", "0.05",
+            # On the CPU this is a share of the machine's free memory that the weights and the
+            # KV pool may take; the pool itself is --max-total-tokens (from kv_cache_bytes). A
+            # small share fails start-up whenever other processes allocate while the weights load.
+            "--mem-fraction-static", "0.5",
             "--skip-server-warmup",
             # An idle scheduler otherwise polls and takes about a third of a core from the
             # trainer; asleep, it waits on its sockets and wakes at once when a request comes.
