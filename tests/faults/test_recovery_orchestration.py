@@ -153,3 +153,26 @@ def test_a_refused_adapter_is_not_a_server_loss(tmp_path):
                                            r"\(version 1 stays live\).*differs from its manifest"):
         loop.run()
     assert "lora-v2" not in server.seen_names and server.loaded_adapters() == ["lora-v1"]
+
+
+def test_a_loss_while_generating_ahead_of_training_is_recovered_too(tmp_path):
+    """With max_head_offpolicyness=1 the next batch is generated while a step trains."""
+    from grpo.standins import StandInEngine
+
+    server = DyingServer(die_at=[("generate", 4)])
+    server.generate_delay = 0.05
+    loop, engine, server, run_dir = make_loop(tmp_path, server=server, engine=StandInEngine(train_delay=0.1), **{
+        "rollout.max_head_offpolicyness": 1, "train.steps": 6, "train.eval_every": 0})
+    loop.run()
+    records = steps(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(r["num_samples"] == 32 for r in records)
+    recovered = [e for e in events(run_dir) if e["event"] == "server_recovered"]
+    assert len(recovered) == 1
+    # staleness is still bounded by the window, counted in steps: the version a recovery loads
+    # holds the weights of its source, the update of the same step
+    update_of = {0: 0, **{r["version"]: r["step"] for r in records}}
+    update_of.setdefault(recovered[0]["source_version"], update_of.get(recovered[0]["version"]))
+    update_of.setdefault(recovered[0]["version"], update_of[recovered[0]["source_version"]])
+    for r in records:
+        assert all(r["step"] - 2 <= update_of[v] <= r["step"] - 1 for v in r["rollout_versions"]), r
