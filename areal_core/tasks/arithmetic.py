@@ -63,8 +63,11 @@ def carry_forgotten_sum(a: int, b: int) -> int:
 
 
 def make_record(a: int, b: int) -> dict:
-    """The prompt record of ``a+b``: ``prompt_ids``, ``answer`` (int), ``a``, ``b``, ``text``."""
-    return {"prompt_ids": prompt_ids(a, b), "answer": a + b, "a": a, "b": b, "text": f"{a}+{b}="}
+    """The prompt record of ``a+b``: ``prompt_ids``, ``answer`` (int), ``answer_ids`` (the
+    completion that earns reward 1; the agreement probe uses prompt + answer, natural text for the
+    model), ``a``, ``b``, ``text``."""
+    return {"prompt_ids": prompt_ids(a, b), "answer": a + b, "answer_ids": answer_ids(a + b),
+            "a": a, "b": b, "text": f"{a}+{b}="}
 
 
 def split_pairs(split_seed: int = 0, held_out: int = DEFAULT_HELD_OUT):
