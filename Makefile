@@ -62,3 +62,12 @@ $(SGLANG_VENV)/.installed: $(SGLANG_PINS)/requirements.txt $(SGLANG_PINS)/constr
 	$(SGLANG_VENV)/bin/python -m pip install -q -c $(SGLANG_PINS)/constraints.txt -r $(SGLANG_PINS)/requirements.txt
 	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps sglang==0.5.23
 	touch $@
+
+# Benchmarks (bench/, see README "Performance"): each script prints its method and a Markdown
+# table and writes bench/results/<name>.json. The heavy ones run one at a time.
+.PHONY: bench
+bench: venv
+	OMP_NUM_THREADS=1 $(PY) bench/cli_startup.py
+	OMP_NUM_THREADS=1 $(PY) bench/grpo_step.py
+	OMP_NUM_THREADS=1 $(PY) bench/training_cost.py
+	OMP_NUM_THREADS=1 $(PY) bench/weight_sync.py

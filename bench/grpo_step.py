@@ -86,13 +86,32 @@ def shares(records: list[dict]) -> dict:
     return result
 
 
+def plot_seconds(run: Path, repeats: int = 3) -> float:
+    """Median time of one redraw of the run's plot.png (the loop redraws it after every step)."""
+    import time
+
+    from areal_core.grpo.run_dir import RunDirectory
+
+    run_dir = RunDirectory(run)
+    run_dir.plot()  # the first redraw in a process also imports matplotlib
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run_dir.plot()
+        seconds.append(time.perf_counter() - start)
+    return median(seconds)
+
+
 def table(s: dict) -> str:
-    rows = [[name, s[f"{name}_seconds"], f"{s[f'{name}_share']:.1%}"]
+    labels = {"generation": "generation (the part waited for)", "agreement": "agreement check",
+              "bookkeeping": "bookkeeping (the rest of the period)"}
+    rows = [[labels.get(name, name), s[f"{name}_seconds"], f"{s[f'{name}_share']:.1%}"]
             for name in [n for n, _ in PHASES] + ["bookkeeping"]]
     rows.append(["step period", s["step_period_seconds"], "100%"])
     text = markdown_table(["phase", "median seconds", "share of the summed periods"], rows)
     verdict = "met" if s["grpo_sync_share"] <= GOAL else "MISSED"
-    return (text + f"\n\nexport + load + bookkeeping: {s['grpo_sync_share']:.1%} of the step "
+    return (text + f"\n\nof the bookkeeping, one redraw of plot.png takes {s['plot_seconds']:.3g} s (timed "
+            f"apart, after the run)\n\nexport + load + bookkeeping: {s['grpo_sync_share']:.1%} of the step "
             f"(goal <= {GOAL:.0%}: {verdict}); export + load alone {s['export_load_share']:.1%}; "
             f"a whole generation takes {s['generation_whole_seconds']:.3g} s (median); it runs while rank 0 "
             f"does the previous step's bookkeeping, so only its rest is waited for")
@@ -108,6 +127,7 @@ def main() -> None:
     try:
         records = run_train(model, args.steps, scratch / "run")
         summary = shares(records)
+        summary["plot_seconds"] = plot_seconds(scratch / "run")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     method = __doc__.split("Method: ", 1)[1].strip().replace("\n", " ").replace("STEPS", str(args.steps))

@@ -53,11 +53,16 @@ def run_ranks(script: Path, args: list[str], out: Path, *, world_size: int = 2,
                                           env=rank_env, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
-        codes = []
-        for process in processes:
-            codes.append(process.wait(timeout=max(deadline - time.monotonic(), 1.0)))
-    except subprocess.TimeoutExpired:
-        codes = [f"killed after {timeout:g} s"] * world_size
+        # A rank that fails leaves the others waiting in a collective: stop them at once.
+        while True:
+            codes = [process.poll() for process in processes]
+            if all(code is not None for code in codes) or any(code for code in codes):
+                codes = [code if code is not None else "stopped: another rank failed" for code in codes]
+                break
+            if time.monotonic() > deadline:
+                codes = [f"killed after {timeout:g} s"] * world_size
+                break
+            time.sleep(0.5)
     finally:
         for process in processes:
             if process.poll() is None:

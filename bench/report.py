@@ -29,7 +29,9 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            # Other work on a shared machine makes every figure noisier: say how busy it was.
+            "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()]}
 
 
 def write_result(name: str, data: dict, method: str, table: str) -> Path:

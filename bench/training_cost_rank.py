@@ -1,14 +1,17 @@
-"""One rank of one training-cost configuration (started by ``training_cost.py`` through ``ranks.py``).
+"""One rank of a training-cost launch (started by ``training_cost.py`` through ``ranks.py``).
 
-Builds the fsdp2 engine through the hooks (load, inject, shard) as the GRPO loop does, runs
-``--warmup`` untimed and ``--steps`` timed optimisation steps on random token sequences, and
-writes its figures to ``<out>/rank<N>.json``: the RSS after imports (before the model is built),
-the peak RSS of the process, the seconds of each step, and the parameter counts.
+Builds one fsdp2 engine per configuration of ``--configs`` through the hooks (load, inject,
+shard), as the GRPO loop builds it, then runs rounds of optimisation steps on random token
+sequences: every round takes one step of each engine, in an order reversed every other round, so
+the configurations share the machine's conditions. Writes ``<out>/rank<N>.json``: the RSS after
+imports (before any model is built), the peak RSS of the process, the RSS after each phase
+(a launch of one configuration measures its memory), and the seconds of every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
@@ -33,14 +36,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--full-finetune", action="store_true")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", help="dtype of the base weights as loaded")
-    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--configs", required=True,
+                        help='JSON list of {"name", "full_finetune", "lora_rank", "dtype", "checkpointing"}')
     parser.add_argument("--batch", type=int, default=4, help="sequences per step over all ranks")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="steps of each configuration")
     return parser.parse_args()
 
 
@@ -59,46 +59,55 @@ def mean_nll_loss(total_tokens: int):
     return loss_fn
 
 
+def build_engine(registry, model: str, config: dict):
+    actor = ActorConfig(
+        backend=BACKEND, path=model, device="cpu", dtype=config["dtype"],
+        full_finetune=config["full_finetune"], lora_rank=config["lora_rank"],
+        lora_alpha=2 * config["lora_rank"], gradient_checkpointing=config["checkpointing"],
+        optimizer=OptimizerConfig(lr=1e-5),
+    )
+    engine = registry.build_engine(BACKEND, RunConfig(actor=actor, train=TrainConfig(seed=1)))
+    engine.load_base_model()
+    registry.call("areal_inject_adapter", BACKEND, engine=engine, actor=actor)
+    registry.call("areal_shard_model", BACKEND, engine=engine, actor=actor)
+    return engine
+
+
 def main() -> None:
     args = parse_args()
+    configs = json.loads(args.configs)
     rank = init_rank()
     registry = default_registry()
     rss_after_imports, _ = rss_bytes()
-
-    actor = ActorConfig(
-        backend=BACKEND, path=args.model, device="cpu", dtype=args.dtype,
-        full_finetune=args.full_finetune, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-        gradient_checkpointing=args.checkpointing, optimizer=OptimizerConfig(lr=1e-5),
-    )
-    engine = registry.build_engine(BACKEND, RunConfig(actor=actor, train=TrainConfig(seed=1)))
-    phases = {}  # (RSS, peak RSS) after each phase: where the peak comes from
-    engine.load_base_model()
-    phases["loaded"] = rss_bytes()
-    registry.call("areal_inject_adapter", BACKEND, engine=engine, actor=actor)
-    registry.call("areal_shard_model", BACKEND, engine=engine, actor=actor)
-    phases["sharded"] = rss_bytes()
-    parameters = list(engine.model.parameters())
-    total = sum(p.numel() for p in parameters)  # a DTensor counts its global size
-    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    phases = {}  # (RSS, peak RSS) after each phase: where a single configuration's peak comes from
+    engines = []
+    for config in configs:
+        engines.append(build_engine(registry, args.model, config))
+        phases[f"built {config['name']}"] = rss_bytes()
+    counts = {c["name"]: (sum(p.numel() for p in e.model.parameters()),  # a DTensor counts its global size
+                          sum(p.numel() for p in e.model.parameters() if p.requires_grad))
+              for c, e in zip(configs, engines)}
 
     world = dist.get_world_size()
-    seconds, grad_norms = [], []
-    for step in range(args.warmup + args.steps):
-        batch = step_sequences(step, args.batch, args.seq_len, engine.vocab_size)
-        mine = batch[rank::world]
-        loss_fn = mean_nll_loss(sum(len(s) - 1 for s in batch))
-        dist.barrier()
-        start = time.perf_counter()
-        metrics = engine.train_step(mine, loss_fn)
-        seconds.append(time.perf_counter() - start)
-        grad_norms.append(metrics["grad_norm"])
-        phases.setdefault("first_step", rss_bytes())
+    seconds = {config["name"]: [] for config in configs}
+    order = list(zip(configs, engines))
+    for step in range(args.rounds):
+        for config, engine in (order if step % 2 == 0 else order[::-1]):
+            batch = step_sequences(step, args.batch, args.seq_len, engine.vocab_size)
+            loss_fn = mean_nll_loss(sum(len(s) - 1 for s in batch))
+            dist.barrier()
+            start = time.perf_counter()
+            engine.train_step(batch[rank::world], loss_fn)
+            seconds[config["name"]].append(time.perf_counter() - start)
+        phases.setdefault("first round", rss_bytes())
     _, peak = rss_bytes()
-    engine.close()
+    for engine in engines:
+        engine.close()
     write_rank_result(args.out, rank, {
-        "rss_after_imports": rss_after_imports, "peak_rss": peak, "step_seconds": seconds,
-        "warmup": args.warmup, "grad_norms": grad_norms, "phases": phases,
-        "parameters": total, "trainable_parameters": trainable,
+        "rss_after_imports": rss_after_imports, "peak_rss": peak, "phases": phases,
+        "step_seconds": seconds,
+        "parameters": {name: total for name, (total, _) in counts.items()},
+        "trainable_parameters": {name: trainable for name, (_, trainable) in counts.items()},
     })
     dist.destroy_process_group()
 

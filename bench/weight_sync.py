@@ -31,7 +31,7 @@ from models import CACHE, QWEN2_05B, cached_model, parameter_count
 from ranks import run_ranks
 from report import markdown_table, median, write_result
 
-ROUNDS = 4
+ROUNDS = 3
 WARMUP = 1
 LORA_RANK = 16
 GOAL = 0.015
