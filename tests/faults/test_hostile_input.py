@@ -27,7 +27,6 @@ def areal_train(*overrides, timeout=120):
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-@pytest.mark.slow
 def test_areal_train_reports_every_problem_and_starts_nothing(tmp_path):
     out = tmp_path / "run"
     result = areal_train("actor.lora_rnak=8", "actor.target_modules=[q_.*]", "actor.lora_alpha=ten",
@@ -44,7 +43,6 @@ def test_areal_train_reports_every_problem_and_starts_nothing(tmp_path):
     assert not out.exists()  # no run directory, so no launcher, rank or server ever ran
 
 
-@pytest.mark.slow
 def test_a_model_with_pickled_weights_or_remote_code_is_refused_by_areal_train(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
