@@ -66,7 +66,7 @@ class RunDirectory:
         records = self.read_metrics()
         steps = [r["step"] for r in records if "reward_mean" in r]
         figure, axis = plt.subplots(figsize=(7, 4))
-        axis.plot(steps, [r["reward_mean"] for r in records if "reward_mean" in r], label="reward (rollouts)")
+        axis.plot(steps, [r["reward_mean"] for r in records if "reward_mean" in r], label="reward (rollouts)", linestyle="--", linewidth=2.5)
         axis.plot(steps, [r["accuracy"] for r in records if "accuracy" in r], label="accuracy (rollouts)")
         evals = [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
         if evals:
