@@ -106,3 +106,16 @@ def test_the_installed_registry_routes_sglang_to_this_plugin():
     assert registry.declaration("sglang").plugin == "sglang"
     server = registry.build_rollout_server("sglang", config())
     assert type(server).__module__ == "areal_sglang.server" and server.name == "sglang"
+
+
+def test_an_api_key_is_refused_for_a_launched_server_whose_log_would_hold_it(monkeypatch):
+    from areal_core.config import RolloutConfig, RunConfig
+    from areal_sglang.config_checks import validate
+
+    monkeypatch.setenv("AREAL_TEST_SGLANG_KEY", "secret")
+    launched = RunConfig(rollout=RolloutConfig(backend="sglang", api_key_env="AREAL_TEST_SGLANG_KEY"))
+    errors = [e for e in validate(launched) if e.key == "rollout.api_key_env"]
+    assert len(errors) == 1 and "--api-key" in errors[0].problem
+    remote = RunConfig(rollout=RolloutConfig(backend="sglang", api_key_env="AREAL_TEST_SGLANG_KEY",
+                                             servers=["127.0.0.1:30000"]))
+    assert not [e for e in validate(remote) if e.key == "rollout.api_key_env"]

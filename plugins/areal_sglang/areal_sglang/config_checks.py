@@ -88,6 +88,14 @@ def validate(config: RunConfig) -> list[ConfigError]:
                         "names an environment variable that is not set",
                         f"export {rollout.api_key_env}=<the server's API key>, or clear rollout.api_key_env")
         )
+    if rollout.api_key_env and not rollout.servers:
+        errors.append(
+            ConfigError("rollout.api_key_env", rollout.api_key_env,
+                        "a launched SGLang server takes its key on the command line (--api-key) and "
+                        "writes its arguments into its log in the run directory",
+                        "clear rollout.api_key_env for a launched server (it listens on loopback), or "
+                        "start the server yourself and give its address in rollout.servers")
+        )
     if not rollout.servers:
         try:
             find_server_python()
