@@ -110,10 +110,10 @@ class TrainConfig:
 
 @attrs.frozen
 class DatasetConfig:
-    """Where prompts come from: a built-in name or an import path ``module:function``."""
+    """Where prompts come from: a built-in name or an import path ``module:function``, called
+    with ``options`` as keyword arguments (file paths go there, e.g. ``options.path``)."""
 
     name: str = "arithmetic"
-    path: str = ""
     options: dict = attrs.field(factory=dict)
 
 
