@@ -82,6 +82,12 @@ def shares(records: list[dict]) -> dict:
         result[f"{name}_seconds"] = median([r.get(key, 0.0) for r in used])
     result["bookkeeping_seconds"] = median(
         [p - sum(r.get(key, 0.0) for _, key in PHASES) - r.get("eval_seconds", 0.0) for p, r in zip(periods, used)])
+    # Two visible parts of the bookkeeping: handing the batch to the ranks (from the end of the
+    # wait to the start of training), and the files written between one step's end and the next.
+    result["batch_handoff_seconds"] = median(
+        [r["train_started_at"] - r["started_at"] - r["rollout_wait_seconds"] for r in used])
+    result["between_steps_seconds"] = median(
+        [following[r["step"] + 1]["started_at"] - r["finished_at"] for r in used])
     result["steps_used"] = [r["step"] for r in used]
     return result
 
@@ -110,8 +116,10 @@ def table(s: dict) -> str:
     rows.append(["step period", s["step_period_seconds"], "100%"])
     text = markdown_table(["phase", "median seconds", "share of the summed periods"], rows)
     verdict = "met" if s["grpo_sync_share"] <= GOAL else "MISSED"
-    return (text + f"\n\nof the bookkeeping, one redraw of plot.png takes {s['plot_seconds']:.3g} s (timed "
-            f"apart, after the run)\n\nexport + load + bookkeeping: {s['grpo_sync_share']:.1%} of the step "
+    return (text + f"\n\nof the bookkeeping (medians): handing the batch to the ranks "
+            f"{s['batch_handoff_seconds']:.3g} s, metrics/events/plot files between steps "
+            f"{s['between_steps_seconds']:.3g} s; one redraw of plot.png alone takes {s['plot_seconds']:.3g} s "
+            f"(timed apart, after the run)\n\nexport + load + bookkeeping: {s['grpo_sync_share']:.1%} of the step "
             f"(goal <= {GOAL:.0%}: {verdict}); export + load alone {s['export_load_share']:.1%}; "
             f"a whole generation takes {s['generation_whole_seconds']:.3g} s (median); it runs while rank 0 "
             f"does the previous step's bookkeeping, so only its rest is waited for")
