@@ -140,3 +140,14 @@ def test_command_line_builds_then_hits_the_cache(tmp_path, capsys):
     assert base_model.main(["--out", str(out), "--steps", "2"]) == 0
     assert "already holds recipe" in capsys.readouterr().out
     assert os.stat(out / "model.safetensors").st_mtime_ns == mtime
+
+
+def test_staging_left_by_a_killed_build_is_removed(tmp_path):
+    killed = tmp_path / ".base.building-999999999-abc"  # no such process
+    running = tmp_path / f".base.building-{os.getpid()}-xyz"  # a build still under way
+    for path in (killed, running):
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    build_base_model(tmp_path / "base", SMALL, num_threads=1)
+    assert not killed.exists()
+    assert running.exists()
