@@ -33,7 +33,7 @@ def _leftovers(parent, name):
 
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory):
-    return build_base_model(tmp_path_factory.mktemp("builds") / "base", SMALL, num_threads=1)
+    return build_base_model(tmp_path_factory.mktemp("builds") / "base", SMALL)
 
 
 def test_build_writes_a_loadable_hf_directory_with_its_recipe(small_build):
@@ -69,7 +69,7 @@ def test_second_call_with_the_same_recipe_does_not_rebuild(small_build, monkeypa
 def test_same_recipe_builds_the_same_weights(small_build, tmp_path):
     from safetensors.torch import load_file
 
-    again = build_base_model(tmp_path / "again", SMALL, num_threads=1)
+    again = build_base_model(tmp_path / "again", SMALL)
     first, second = load_file(small_build / "model.safetensors"), load_file(again / "model.safetensors")
     assert first.keys() == second.keys()
     assert all((first[k] == second[k]).all() for k in first)
@@ -86,7 +86,7 @@ def test_the_directory_appears_only_when_complete(tmp_path, monkeypatch):
         original_install(staging, target)
 
     monkeypatch.setattr(base_model, "_install", checking_install)
-    build_base_model(out, SMALL, num_threads=1)
+    build_base_model(out, SMALL)
     assert seen["target_existed"] is False
     assert set(HF_FILES) <= set(seen["staging_files"])
     assert read_marker(out)["hash"] == SMALL.digest()
@@ -99,24 +99,24 @@ def test_a_failed_build_leaves_no_directory_and_keeps_a_previous_one(tmp_path, m
 
     monkeypatch.setattr(base_model, "_write_model_directory", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
-        build_base_model(tmp_path / "fresh", SMALL, num_threads=1)
+        build_base_model(tmp_path / "fresh", SMALL)
     assert not (tmp_path / "fresh").exists()
     assert _leftovers(tmp_path, "fresh") == []
 
     monkeypatch.undo()
-    previous = build_base_model(tmp_path / "kept", SMALL, num_threads=1)
+    previous = build_base_model(tmp_path / "kept", SMALL)
     monkeypatch.setattr(base_model, "_write_model_directory", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
-        build_base_model(previous, attrs.evolve(SMALL, steps=4), num_threads=1)
+        build_base_model(previous, attrs.evolve(SMALL, steps=4))
     assert read_marker(previous)["hash"] == SMALL.digest()
     assert (previous / "model.safetensors").is_file()
 
 
 def test_another_recipe_replaces_a_previous_build(small_build, tmp_path):
-    out = build_base_model(tmp_path / "base", SMALL, num_threads=1)
+    out = build_base_model(tmp_path / "base", SMALL)
     other = attrs.evolve(SMALL, steps=4)
     assert other.digest() != SMALL.digest()
-    assert build_base_model(out, other, num_threads=1) == out
+    assert build_base_model(out, other) == out
     assert read_marker(out)["hash"] == other.digest()
     assert _leftovers(tmp_path, "base") == []
 
@@ -148,6 +148,6 @@ def test_staging_left_by_a_killed_build_is_removed(tmp_path):
     for path in (killed, running):
         path.mkdir()
         (path / "config.json").write_text("{}")
-    build_base_model(tmp_path / "base", SMALL, num_threads=1)
+    build_base_model(tmp_path / "base", SMALL)
     assert not killed.exists()
     assert running.exists()
