@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,14 @@ def adapters(vllm_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm-adapters")
     built: dict[str, Path] = {}
 
-    def get(key: str, rank: int = 8, target_modules="all-linear") -> Path:
-        if key not in built:
-            seed = 1000 + len(built)
-            built[key] = Path(build_peft_adapter(vllm_model, root / key, rank=rank, seed=seed, version=0,
-                                                 target_modules=target_modules).path)
-        return built[key]
+    def get(key: str, rank: int = 8, target_modules="all-linear", version: int = 0) -> Path:
+        """``version`` is what its manifest records (the core's publisher admits an adapter only
+        under the version it was exported as); the same key gives the same weights."""
+        if (key, version) not in built:
+            seed = 1000 + zlib.crc32(key.encode()) % 100_000
+            built[key, version] = Path(build_peft_adapter(
+                vllm_model, root / f"{key}-v{version}", rank=rank, seed=seed, version=version,
+                target_modules=target_modules).path)
+        return built[key, version]
 
     return get

@@ -13,6 +13,7 @@ import re
 import shutil
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,12 @@ GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
 
 def exported(path, version: int, rank: int = 8) -> ExportedAdapter:
-    return ExportedAdapter(path=str(path), version=version, rank=rank, alpha=2 * rank, target_modules=())
+    """What an engine's export returns for the adapter directory ``path``."""
+    config_path = Path(path) / "adapter_config.json"
+    config = (json.loads(config_path.read_text()) if config_path.is_file()  # a missing one: as declared
+              else {"r": rank, "lora_alpha": 2 * rank, "target_modules": []})
+    return ExportedAdapter(path=str(path), version=version, rank=config["r"], alpha=config["lora_alpha"],
+                           target_modules=tuple(config["target_modules"]))
 
 
 def outputs(groups) -> list[tuple]:
@@ -77,10 +83,10 @@ def test_versions_load_serve_and_retire_through_the_core_publisher(vllm_server, 
         publisher.adopt_server_state()
         base = server.generate(PROMPTS, lora_name=None, version=0, n=1, sampling=GREEDY)
 
-        assert publisher.publish(exported(adapters("one"), 1))[0] == "flow-v1"
+        assert publisher.publish(exported(adapters("one", version=1), 1))[0] == "flow-v1"
         assert "flow-v1" in server.loaded_adapters()
         first = publisher.generate(PROMPTS, 1, 1, GREEDY)
-        assert publisher.publish(exported(adapters("two"), 2))[0] == "flow-v2"
+        assert publisher.publish(exported(adapters("two", version=2), 2))[0] == "flow-v2"
         listed = server.loaded_adapters()
         assert "flow-v2" in listed and "flow-v1" not in listed  # v1 fell outside the window (0)
         second = publisher.generate(PROMPTS, 2, 1, GREEDY)
@@ -101,7 +107,7 @@ def test_versions_load_serve_and_retire_through_the_core_publisher(vllm_server, 
 
         # a name is never loaded twice, whoever asks
         with pytest.raises(ArealError, match="never reused"):
-            publisher.publish(exported(adapters("one"), 1))
+            publisher.publish(exported(adapters("one", version=1), 1))
         with pytest.raises(ArealError, match="never reused"):
             server.load_adapter(exported(adapters("one"), 1), "flow-v1")
     finally:
