@@ -53,6 +53,7 @@ def test_records_hold_prompt_ids_and_answer():
     assert record["answer"] == 125
     assert record["prompt_ids"] == arithmetic.prompt_ids(57, 68)
     assert record["text"] == "57+68="
+    assert record["answer_ids"] == arithmetic.answer_ids(125)
 
 
 def test_prompt_ids_are_those_of_the_demo_tokenizer(tmp_path):
