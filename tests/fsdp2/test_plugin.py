@@ -9,7 +9,8 @@ import pytest
 
 from areal_core.declarations import PEFT_DIRECTORY, LoraStatus
 from areal_core.registry import Registry
-from areal_fsdp2.microbatching import plan_microbatches, sequence_problem
+from areal_core.microbatching import plan_microbatches
+from areal_fsdp2.microbatching import sequence_problem
 
 
 def test_fsdp2_is_declared_ready_as_an_engine():

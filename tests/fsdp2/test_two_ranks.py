@@ -46,7 +46,7 @@ def logits_of(model, sequences, max_tokens=None):
     """
     import torch
 
-    from areal_fsdp2.microbatching import plan_microbatches
+    from areal_core.microbatching import plan_microbatches
 
     lengths = [len(s) for s in sequences]
     plan = plan_microbatches(lengths, max_tokens) if max_tokens else [[i] for i in range(len(sequences))]

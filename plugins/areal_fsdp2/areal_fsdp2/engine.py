@@ -27,7 +27,8 @@ from areal_core.interfaces import LossFn
 
 from areal_fsdp2 import checkpoint, distributed, lora_injection, model_loading, optimizer, parallelize
 from areal_fsdp2.logprobs import forward_logits, sequence_logprobs
-from areal_fsdp2.microbatching import plan_microbatches, sequence_problem
+from areal_core.microbatching import plan_microbatches
+from areal_fsdp2.microbatching import sequence_problem
 
 
 class FSDP2Engine:

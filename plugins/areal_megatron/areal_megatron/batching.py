@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from areal_core.microbatching import plan_microbatches
+
 
 def check_sequences(sequences: Sequence[Sequence[int]], vocab_size: int, max_len: int) -> list[list[int]]:
     """Plain lists of token ids; ValueError names the first sequence that cannot be scored."""
@@ -25,24 +27,9 @@ def check_sequences(sequences: Sequence[Sequence[int]], vocab_size: int, max_len
 
 
 def microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive index groups whose padded size (count x longest) stays within ``max_tokens``.
-
-    A sequence longer than the budget gets a micro-batch of its own. Deterministic: ranks that
-    see the same lengths get the same groups.
-    """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for index, length in enumerate(lengths):
-        new_longest = max(longest, length)
-        if current and new_longest * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, new_longest = [], length
-        current.append(index)
-        longest = new_longest
-    if current:
-        groups.append(current)
-    return groups
+    """Consecutive index groups whose padded size (count x longest) stays within ``max_tokens``
+    (the core's plan, shared with the FSDP2 engine)."""
+    return plan_microbatches(lengths, max_tokens)
 
 
 def model_inputs(sequences: list[list[int]], device: torch.device, pad_id: int = 0):
