@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from areal_core.adapter_format import KEY_PREFIX, peft_key, write_peft_adapter
 from areal_core.errors import AdapterError
 from areal_core.interfaces import ExportedAdapter
 
+from areal_fsdp2.coalesced_gather import gather_full_tensors
 from areal_fsdp2.distributed import broadcast_object
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,18 +45,12 @@ def peft_file_key(parameter_name: str) -> str:
 def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full copies (on the CPU, rank 0 only; ``{}`` elsewhere) of the trainable parameters.
 
-    Collective: every rank gathers every sharded trainable parameter, one at a time, in the
-    same order. Frozen parameters are never gathered.
+    Collective, in a few coalesced gathers (see ``coalesced_gather``). Frozen parameters are
+    never gathered.
     """
-    gathered: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        full = param.full_tensor() if isinstance(param, DTensor) else param
-        if dist.get_rank() == 0:
-            gathered[name] = full.detach().to("cpu", copy=True)
-        del full
-    return gathered
+    return gather_full_tensors(
+        (name, param) for name, param in model.named_parameters() if param.requires_grad
+    )
 
 
 def export_adapter(engine: "FSDP2Engine", directory: str, version: int) -> ExportedAdapter:

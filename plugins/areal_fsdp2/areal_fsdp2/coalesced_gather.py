@@ -1,0 +1,95 @@
+"""Full copies of FSDP2-sharded parameters on rank 0, in a few large collectives.
+
+One collective per tensor costs its latency hundreds of times over (336 LoRA tensors in a
+24-layer model; on gloo that was 90% of the export). Here each rank concatenates its local
+shards into one flat buffer per bucket (same dtype, at most ``bucket_bytes``) and ONE gather to
+rank 0 moves it; rank 0 cuts the buffers back into full tensors. Every rank knows every other
+rank's shard sizes without asking: FSDP2 shards dimension 0 the way ``torch.chunk`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+from areal_core.errors import ArealError
+
+BUCKET_BYTES = 256 * 1024 * 1024
+
+
+def _rows_per_rank(rows: int, world: int) -> list[int]:
+    """The dimension-0 length of each rank's shard under ``torch.chunk`` (FSDP2's layout)."""
+    chunk = math.ceil(rows / world) if rows else 0
+    return [max(0, min(chunk, rows - rank * chunk)) for rank in range(world)]
+
+
+def _local_piece(name: str, param: torch.Tensor, world: int):
+    """``(local tensor, per-rank element counts, global shape)`` of one parameter."""
+    if not isinstance(param, DTensor):
+        full = param.detach()
+        counts = [full.numel() if rank == 0 else 0 for rank in range(world)]
+        return (full if dist.get_rank() == 0 else full[:0]), counts, tuple(full.shape)
+    if tuple(param.placements) != (Shard(0),):
+        raise ArealError(f"cannot gather {name}: placed as {param.placements}, expected Shard(0)")
+    shape = tuple(param.shape)
+    row = math.prod(shape[1:])
+    counts = [rows * row for rows in _rows_per_rank(shape[0], world)]
+    local = param.to_local().detach()
+    if local.numel() != counts[dist.get_rank()]:
+        raise ArealError(
+            f"cannot gather {name}: this rank holds {tuple(local.shape)} of {shape}, not the "
+            f"torch.chunk layout FSDP2 uses"
+        )
+    return local, counts, shape
+
+
+def _buckets(pieces: list, bucket_bytes: int) -> Iterable[list]:
+    """Consecutive runs of ``pieces`` with one dtype and at most ``bucket_bytes`` (or one piece)."""
+    bucket, size = [], 0
+    for piece in pieces:
+        local = piece[1]
+        nbytes = sum(piece[2]) * local.element_size()
+        if bucket and (local.dtype != bucket[0][1].dtype or size + nbytes > bucket_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(piece)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def gather_full_tensors(
+    named_params: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int = BUCKET_BYTES
+) -> dict[str, torch.Tensor]:
+    """``{name: full CPU copy}`` on rank 0, ``{}`` on the other ranks (collective, same order).
+
+    Parameters may be DTensors sharded on dimension 0 (FSDP2) or plain tensors (rank 0's copy
+    is taken). Every rank must pass the same names in the same order.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    pieces = [(name, *_local_piece(name, param, world)) for name, param in named_params]
+    gathered: dict[str, torch.Tensor] = {}
+    for bucket in _buckets(pieces, bucket_bytes):
+        totals = [sum(counts[r] for _, _, counts, _ in bucket) for r in range(world)]
+        longest = max(totals)
+        flat = torch.cat([local.reshape(-1) for _, local, _, _ in bucket])
+        padded = torch.nn.functional.pad(flat, (0, longest - flat.numel()))
+        if world == 1:
+            received = [padded]
+        else:
+            received = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+            dist.gather(padded, received, dst=0)
+        if rank != 0:
+            continue
+        offsets = [0] * world
+        for name, _, counts, shape in bucket:
+            parts = []
+            for r in range(world):
+                parts.append(received[r][offsets[r]: offsets[r] + counts[r]])
+                offsets[r] += counts[r]
+            gathered[name] = torch.cat(parts).view(shape).to("cpu", copy=True)
+    return gathered
