@@ -222,10 +222,11 @@ class GRPOLoop:
         payload = self._on_server(lambda: self.producer.next_batch(), step)  # a recovery replaces it
         return {**payload, "live_version": self.version, "rollout_wait_seconds": time.perf_counter() - timer}
 
-    def _evaluate_if_due(self, step: int) -> dict:
+    def _eval_due(self, step: int) -> bool:
         eval_every = self.config.train.eval_every
-        if not (step == self.config.train.steps or (eval_every and step % eval_every == 0)):
-            return {}
+        return step == self.config.train.steps or bool(eval_every and step % eval_every == 0)
+
+    def _evaluate(self, step: int) -> dict:
         timer = time.perf_counter()
         self.last_eval = self._on_server(self.evaluate, step + 1)
         return {"eval_accuracy": self.last_eval, "eval_seconds": time.perf_counter() - timer}
@@ -261,7 +262,8 @@ class GRPOLoop:
             **train_metrics,
             **sync,
         }
-        record.update(self.comm.leader_result(lambda: self._evaluate_if_due(step)))
+        if self._eval_due(step):  # every rank knows: no broadcast on the other steps
+            record.update(self.comm.leader_result(lambda: self._evaluate(step)))
         if self.recovery is not None:
             record["server_recoveries"] = self.recovery.recoveries
         record["step_seconds"] = time.time() - started
