@@ -325,6 +325,10 @@ class GRPOLoop:
 
             bar = tqdm(total=steps, initial=first_step - 1, desc="GRPO", unit="step", dynamic_ncols=True)
         try:
+            if self.comm.is_leader:
+                # While the first batch is generated; it also pays the one-off import of
+                # matplotlib (~0.6 s) here rather than in a step.
+                self.run_dir.plot()
             for step in range(first_step, steps + 1):
                 record = self.step(step)
                 if self.comm.is_leader:

@@ -4,7 +4,8 @@
     metrics.jsonl      one JSON object per step (appended and flushed as the run goes)
     adapters/v<N>/     the PEFT adapter of each kept version
     logs/              the rollout servers' logs
-    plot.png           reward and accuracy against step, redrawn after every step
+    plot.png           reward and accuracy against step, drawn at the start and redrawn every few
+                       steps, after each evaluation and at the end
     events.jsonl       adapter loads, unloads and generate calls (with the version each named), in order
 """
 
