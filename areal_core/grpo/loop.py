@@ -239,6 +239,9 @@ class GRPOLoop:
         self.position = payload["position"]
         train_started = time.time()
         timer = time.perf_counter()
+        # Rank 0: from its batch in hand to the start of training (pickling, broadcast, the other
+        # ranks' lag in joining it).
+        handoff_seconds = max(0.0, train_started - started - payload["rollout_wait_seconds"])
         train_metrics = self.train_on(payload["items"])
         train_seconds = time.perf_counter() - timer
         train_finished = time.time()
@@ -254,6 +257,7 @@ class GRPOLoop:
             "generation_started_at": payload["generation_started_at"],
             "generation_finished_at": payload["generation_finished_at"],
             "rollout_wait_seconds": payload["rollout_wait_seconds"],
+            "batch_handoff_seconds": handoff_seconds,
             "train_seconds": train_seconds,
             "train_started_at": train_started,
             "train_finished_at": train_finished,
