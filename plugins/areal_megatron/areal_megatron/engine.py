@@ -25,6 +25,7 @@ import torch.distributed as dist
 from areal_core.adapter_format import write_peft_adapter
 from areal_core.config import RunConfig
 from areal_core.errors import AdapterError, ArealError
+from areal_core.host_allocator import return_freed_tensors_to_the_system
 from areal_core.interfaces import ExportedAdapter, LossFn
 from areal_megatron import batching, checkpoint, cpu_mode, lora, model_builder, peft_export
 from areal_megatron.distributed import gather_tp_objects, init_parallel, release, resolve_device
@@ -51,6 +52,7 @@ class MegatronEngine:
         self.cpu_mode = cpu_mode.requested(actor.device)
         if self.cpu_mode:
             cpu_mode.apply()  # refuses where a GPU is present
+            return_freed_tensors_to_the_system()
         device = resolve_device(actor.device, self.cpu_mode)
         self.layout = init_parallel(actor.tensor_parallel_size, device, config.train.seed)
         self.rank = self.layout.rank
