@@ -21,7 +21,7 @@ from areal_core.errors import ArealError
 BUCKET_BYTES = 256 * 1024 * 1024
 
 
-def _rows_per_rank(rows: int, world: int) -> list[int]:
+def rows_per_rank(rows: int, world: int) -> list[int]:
     """The dimension-0 length of each rank's shard under ``torch.chunk`` (FSDP2's layout)."""
     chunk = math.ceil(rows / world) if rows else 0
     return [max(0, min(chunk, rows - rank * chunk)) for rank in range(world)]
@@ -37,7 +37,7 @@ def _local_piece(name: str, param: torch.Tensor, world: int):
         raise ArealError(f"cannot gather {name}: placed as {param.placements}, expected Shard(0)")
     shape = tuple(param.shape)
     row = math.prod(shape[1:])
-    counts = [rows * row for rows in _rows_per_rank(shape[0], world)]
+    counts = [rows * row for rows in rows_per_rank(shape[0], world)]
     local = param.to_local().detach()
     if local.numel() != counts[dist.get_rank()]:
         raise ArealError(

@@ -23,9 +23,14 @@ from torch.distributed.fsdp import FSDPModule
 
 from areal_core.config import ActorConfig, RunConfig
 from areal_core.errors import AdapterError, ArealError
+from areal_core.host_allocator import return_freed_tensors_to_the_system
 from areal_core.interfaces import LossFn
 
-from areal_fsdp2 import checkpoint, distributed, lora_injection, model_loading, optimizer, parallelize
+from areal_fsdp2 import (
+    checkpoint, distributed, logprob_head, lora_injection, model_loading, optimizer, parallelize,
+    sharded_loading,
+)
+from areal_fsdp2.logprob_head import LogprobHead
 from areal_fsdp2.logprobs import forward_logits, sequence_logprobs
 from areal_core.microbatching import plan_microbatches
 from areal_fsdp2.microbatching import sequence_problem
@@ -44,6 +49,8 @@ class FSDP2Engine:
         self.config = config
         self.actor: ActorConfig = config.actor
         kind = distributed.device_type(self.actor.device)
+        if kind == "cpu":
+            return_freed_tensors_to_the_system()
         self._owns_process_group = distributed.ensure_process_group(kind)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -51,6 +58,8 @@ class FSDP2Engine:
         self.model: torch.nn.Module | None = None  # the peft wrapper, or the HF model (full FT)
         self.hf_model: torch.nn.Module | None = None  # the transformers model inside it
         self.optimizer: torch.optim.Optimizer | None = None
+        self.logprob_head: LogprobHead | None = None  # None: log-probs from whole logits
+        self._checkpoint = None  # set while the base model waits on meta for its shards
         self.step = 0  # train_step calls completed (restored by load_checkpoint)
         self.stage = "built"  # built -> loaded -> adapted -> sharded -> closed
         self.vocab_size = 0
@@ -68,9 +77,14 @@ class FSDP2Engine:
         )
 
     def load_base_model(self) -> None:
-        """Load ``actor.path`` (local safetensors) on the CPU in ``actor.dtype``."""
+        """Load ``actor.path`` (local safetensors) in ``actor.dtype``.
+
+        Where the checkpoint can be read row by row, the model is only built here (parameters
+        on the meta device) and each rank reads its own shards after sharding
+        (``sharded_loading``); otherwise every rank loads the whole model on the CPU.
+        """
         self._require_stage("built", "load the base model", "build a new engine")
-        self.hf_model = model_loading.load_causal_lm(self.actor)
+        self.hf_model, self._checkpoint = model_loading.load_causal_lm(self.actor)
         self.model = self.hf_model
         self.vocab_size = self.hf_model.get_input_embeddings().num_embeddings
         pad_id = getattr(self.hf_model.config, "pad_token_id", None)
@@ -85,6 +99,10 @@ class FSDP2Engine:
             self.model = lora_injection.make_all_trainable(self.hf_model)
         else:
             self.model = lora_injection.inject_lora(self.hf_model, actor, seed=self.config.train.seed)
+            if self._checkpoint is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.config.train.seed)
+                    sharded_loading.materialise_meta_adapter(self.model, lora_injection.ADAPTER_NAME)
             lora_injection.broadcast_trainable_from_rank0(self.model, self.device)
         self.stage = "adapted"
 
@@ -93,7 +111,17 @@ class FSDP2Engine:
         self._require_stage("adapted", "shard the model", "run areal_inject_adapter")
         self.actor = actor
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # Before sharding, so FSDP2 knows the head as an owner of the (possibly tied) weight.
+        self.logprob_head = logprob_head.install(
+            self.hf_model, recompute=actor.gradient_checkpointing
+        )
+        loader = None
+        if self._checkpoint is not None:
+            loader = sharded_loading.MetaShardLoader(self.model, self.hf_model, self._checkpoint)
         parallelize.shard_model(self.model, self.hf_model, actor, mesh)
+        if loader is not None:
+            loader.load(self.device, self.rank, self.world_size)
+            self._checkpoint = None
         self.optimizer = optimizer.build_adamw(self.model, actor.optimizer)
         self.stage = "sharded"
 
@@ -175,7 +203,7 @@ class FSDP2Engine:
         self.require_sharded("compute log-probabilities")
         return self._inference(
             sequences, disable_adapter,
-            lambda batch: sequence_logprobs(self.model, batch, self.pad_id, self.device),
+            lambda batch: sequence_logprobs(self.model, batch, self.pad_id, self.device, self.logprob_head),
         )
 
     def forward_logits(
@@ -226,7 +254,7 @@ class FSDP2Engine:
         for index in range(count):
             real = index < len(plan) and failure is None
             batch = [sequences[i] for i in plan[index]] if real else self._dummy_sequence()
-            logprobs = sequence_logprobs(self.model, batch, self.pad_id, self.device)
+            logprobs = sequence_logprobs(self.model, batch, self.pad_id, self.device, self.logprob_head)
             # A dummy (or a micro-batch after a failure) still runs backward through every
             # FSDP unit, with zero weight, so every rank joins every reduce-scatter.
             loss = torch.stack([lp.sum() for lp in logprobs]).sum() * 0.0

@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from areal_fsdp2.logprob_head import LogprobHead
+
 
 def pad_right(
     sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
@@ -40,13 +42,22 @@ def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.
 
 
 def sequence_logprobs(
-    model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device,
+    head: LogprobHead | None = None,
 ) -> list[torch.Tensor]:
     """One 1-D float32 tensor of length ``len(seq) - 1`` per sequence (on ``device``).
 
+    With ``head`` (the model's installed ``LogprobHead``) the whole logits are never built.
     Keeps the autograd graph when gradients are enabled.
     """
     input_ids, mask = pad_right(sequences, pad_id, device)
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    logprobs = next_token_logprobs(logits, input_ids)
+    if head is None:
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        logprobs = next_token_logprobs(logits, input_ids)
+    else:
+        with head.scoring(input_ids[:, 1:]):
+            logprobs = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
     return [logprobs[row, : len(sequence) - 1] for row, sequence in enumerate(sequences)]

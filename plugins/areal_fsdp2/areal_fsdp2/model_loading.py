@@ -36,14 +36,21 @@ def check_model_dir(actor: ActorConfig) -> dict:
     return config
 
 
-def load_causal_lm(actor: ActorConfig) -> torch.nn.Module:
-    """The Hugging Face causal LM in ``actor.path``, on the CPU, in ``actor.dtype``.
+def load_causal_lm(actor: ActorConfig):
+    """``(model, checkpoint)``: the Hugging Face causal LM in ``actor.path`` in ``actor.dtype``.
 
-    Every rank loads the whole model into host memory; sharding then keeps each rank's part
-    on its device. Only safetensors weights are read, and only from the local directory.
+    When the checkpoint can be read row by row (``sharded_loading``), the model's parameters
+    are on the meta device and ``checkpoint`` is what fills each rank's shards after sharding.
+    Otherwise ``checkpoint`` is None and the whole model is loaded on the CPU of every rank.
+    Only safetensors weights are read, and only from the local directory.
     """
     check_model_dir(actor)
     dtype = torch_dtype(actor.dtype)
+    from areal_fsdp2.sharded_loading import build_meta_model
+
+    meta = build_meta_model(actor, dtype)
+    if meta is not None:
+        return meta
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -54,4 +61,4 @@ def load_causal_lm(actor: ActorConfig) -> torch.nn.Module:
         trust_remote_code=actor.trust_remote_code,
     )
     model.config.use_cache = False
-    return model
+    return model, None
