@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -47,6 +46,9 @@ def test_the_shards_hold_the_checkpoint_weights(one_rank_engine, tiny_qwen2, opt
     dtype = torch.bfloat16 if options.get("dtype") == "bfloat16" else torch.float32
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, expected[name].to(dtype), rtol=0, atol=0, msg=name)
+    assert engine.hf_model.lm_head.weight is engine.hf_model.model.embed_tokens.weight  # still tied
+    kept_whole = not options.get("full_finetune")  # frozen embeddings are not sharded under LoRA
+    assert isinstance(engine.hf_model.lm_head.weight, torch.distributed.tensor.DTensor) != kept_whole
     for name, buffer in engine.hf_model.named_buffers():
         torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=0, msg=name)
     if not options.get("full_finetune"):

@@ -38,20 +38,44 @@ def mixed_precision_policy(actor: ActorConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
+def frozen_outside_layers(
+    model: torch.nn.Module, layers: list[torch.nn.Module], actor: ActorConfig
+) -> set[torch.nn.Parameter]:
+    """The frozen parameters outside the decoder layers (embeddings, final norm, output layer)
+    that a LoRA model keeps whole on every rank instead of sharding.
+
+    The root unit's parameters stay gathered from the start of the forward pass to the end of
+    the backward pass, so sharding them saves nothing at the peak and costs an all-gather (and
+    its copy) every pass. Not with ``actor.param_dtype``: a kept parameter is not cast.
+    """
+    if actor.full_finetune or actor.param_dtype:
+        return set()
+    in_layers = {id(param) for layer in layers for param in layer.parameters()}
+    return {p for p in model.parameters() if id(p) not in in_layers and not p.requires_grad}
+
+
 def shard_model(
     model: torch.nn.Module, hf_model: torch.nn.Module, actor: ActorConfig, mesh: DeviceMesh
 ) -> None:
     """Shard ``model`` (the peft wrapper, or the HF model itself) in place over ``mesh``.
 
     ``hf_model`` is the transformers model inside it (where the decoder layers and gradient
-    checkpointing live). Parameters move to the mesh's device as they are sharded.
+    checkpointing live). Parameters move to the mesh's device as they are sharded; the frozen
+    parameters outside the layers of a LoRA model are kept whole (``frozen_outside_layers``).
     """
     if actor.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = mixed_precision_policy(actor)
-    for layer in decoder_layers(hf_model):
+    layers = decoder_layers(hf_model)
+    kept_whole = frozen_outside_layers(model, layers, actor)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=kept_whole or None)
+    device = mesh.device_type
+    with torch.no_grad():
+        for param in kept_whole:
+            if not param.is_meta and param.device.type != device:
+                param.data = param.data.to(device)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # SUM instead of FSDP's default average. gloo has no pre-multiplied sum, so the

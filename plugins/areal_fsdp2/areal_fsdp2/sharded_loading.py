@@ -110,6 +110,9 @@ class MetaShardLoader:
             name: param.detach().clone() for name, param in model.named_parameters() if not param.is_meta
         }
         self.buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+        # ``to_empty`` gives each module its own new tensor: a tied weight kept whole would be
+        # untied (and allocated twice). Its names are remembered to tie it again.
+        self.tied_names = [names for names in _aliases(model).values() if len(names) > 1]
         keys = checkpoint.keys()
         # Names survive sharding (FSDP2 replaces the Parameter objects); tied names share a key.
         self.base_keys: dict[str, str] = {}
@@ -121,6 +124,7 @@ class MetaShardLoader:
     def load(self, device: torch.device, rank: int, world: int) -> None:
         """Allocate this rank's shards on ``device`` and fill them (after ``fully_shard``)."""
         self.model.to_empty(device=device)
+        _retie(self.model, self.tied_names)
         with torch.no_grad():
             for name, buffer in self.model.named_buffers():
                 buffer.copy_(self.buffers[name])
@@ -138,6 +142,18 @@ class MetaShardLoader:
                 start, stop = _local_rows(param, self.checkpoint.shape(key)[0], rank, world)
                 _local(param).copy_(self.checkpoint.read_rows(key, start, stop))
         self.real_parameters, self.buffers = {}, {}
+
+
+def _retie(model: torch.nn.Module, tied_names: list[list[str]]) -> None:
+    for first, *others in tied_names:
+        shared = model.get_parameter(first)
+        if isinstance(shared, DTensor):
+            continue  # FSDP2 manages it (and keeps it tied)
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if module._parameters[leaf] is not shared:
+                module._parameters[leaf] = shared
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
