@@ -124,7 +124,8 @@ class Comm:
                     f"x rollout.startup_timeout"
                 )
             # Rank 0 usually comes within a second (a rollout batch, a load): poll finely then,
-            # since every ms of lag here is a ms rank 0 waits in the broadcast. A check is ~0.1 ms.
+            # since every ms of lag here is a ms rank 0 waits in the broadcast. A check takes ~10 us:
+            # polling every ms costs ~4% of a core.
             time.sleep(0.001 if waited < 2 else 0.05 if waited < 10 else 0.2)
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
