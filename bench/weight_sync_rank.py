@@ -32,7 +32,6 @@ from areal_core.config import (  # noqa: E402
 )
 from areal_core.registry import default_registry  # noqa: E402
 from areal_fsdp2.adapter_export import gather_trainable  # noqa: E402
-from coalesced_gather import coalesced_gather_trainable  # noqa: E402
 from merged_weights import merge_and_gather  # noqa: E402
 from ranks import init_rank, write_rank_result  # noqa: E402
 
@@ -120,19 +119,12 @@ def main() -> None:
             record["adapter_logprob_difference"] = max_abs_difference(
                 server.prompt_logprobs(PROBE, lora_name=name), trainer)
 
-        # Diagnostics, outside both paths: the plugin's gather alone, and one coalesced all-gather.
+        # Diagnostic, outside both paths: the plugin's adapter gather alone.
         dist.barrier()
         start = time.perf_counter()
-        per_tensor = gather_trainable(engine.model)
+        gathered = gather_trainable(engine.model)
         record["adapter_gather_seconds"] = time.perf_counter() - start
-        dist.barrier()
-        start = time.perf_counter()
-        coalesced = coalesced_gather_trainable(engine.model)
-        record["coalesced_gather_seconds"] = time.perf_counter() - start
-        if rank == 0:
-            record["coalesced_gather_equal"] = per_tensor.keys() == coalesced.keys() and all(
-                torch.equal(per_tensor[k], coalesced[k]) for k in per_tensor)
-        del per_tensor, coalesced
+        del gathered
 
         # (b) the merged path: merge into the base, gather everything, reload it on the server.
         merged_dir = work / f"merged-v{index}"

@@ -76,8 +76,9 @@ def gather_full_tensors(
     for bucket in _buckets(pieces, bucket_bytes):
         totals = [sum(counts[r] for _, _, counts, _ in bucket) for r in range(world)]
         longest = max(totals)
-        flat = torch.cat([local.reshape(-1) for _, local, _, _ in bucket])
-        padded = torch.nn.functional.pad(flat, (0, longest - flat.numel()))
+        first = bucket[0][1]
+        padded = torch.zeros(longest, dtype=first.dtype, device=first.device)
+        torch.cat([local.reshape(-1) for _, local, _, _ in bucket], out=padded[: totals[rank]])
         if world == 1:
             received = [padded]
         else:
@@ -91,5 +92,6 @@ def gather_full_tensors(
             for r in range(world):
                 parts.append(received[r][offsets[r]: offsets[r] + counts[r]])
                 offsets[r] += counts[r]
-            gathered[name] = torch.cat(parts).view(shape).to("cpu", copy=True)
+            # cat copies, so the result never keeps the received buffers alive.
+            gathered[name] = torch.cat(parts).view(shape).to("cpu")
     return gathered
