@@ -25,9 +25,10 @@ def is_peer_failure(error: BaseException) -> bool:
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
+    # gloo's own words when a peer does not answer within the timeout name no backend.
     return isinstance(error, RuntimeError) and any(
         marker in text for marker in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
-                                      "Broken pipe"))
+                                      "Broken pipe", "Application timeout caused pair closure"))
 
 
 class LeaderFailed(ArealError):
