@@ -55,6 +55,17 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated(128 + signum)
 
 
+_interrupted = False
+
+
+def _raise_interrupted(signum, frame) -> None:
+    """Ctrl-C: remembered, so that the rank says so even when what surfaces is the failure of a
+    collective that the other rank, interrupted at the same moment, left."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def _ignore_termination_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -153,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m areal_core.grpo.worker CONFIG [key=value ...]", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         run_worker(argv[0], argv[1:])
     except BaseException as exc:  # noqa: BLE001 - every way out gets its one clear line
@@ -174,7 +186,7 @@ def _report_failure(exc: BaseException) -> int:
 
     rank = os.environ.get("RANK", "0")
     prefix = f"areal train: rank {rank}:"
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt) or _interrupted:
         print(f"{prefix} interrupted (Ctrl-C); the servers it launched are stopped", file=sys.stderr)
         return 130
     if isinstance(exc, Terminated):

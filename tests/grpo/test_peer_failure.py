@@ -1,5 +1,7 @@
 """Which errors the loop reads as another rank gone (not as a failure of its own work)."""
 
+import pytest
+
 from areal_core.grpo.comm import is_peer_failure
 
 
@@ -12,3 +14,16 @@ def test_a_gloo_timeout_is_a_peer_failure():
 def test_a_write_error_is_not():
     assert not is_peer_failure(OSError(28, "No space left on device"))
     assert not is_peer_failure(RuntimeError("shape mismatch"))
+
+
+def test_after_ctrl_c_a_lost_collective_is_reported_as_the_interrupt(monkeypatch, capsys):
+    from areal_core.grpo import worker
+
+    monkeypatch.setattr(worker, "_interrupted", False)  # restored after the test
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    assert worker._report_failure(lost) == 1  # no Ctrl-C: a lost rank
+    assert "lost another training rank" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        worker._raise_interrupted(2, None)
+    assert worker._report_failure(lost) == 130  # the other rank, interrupted too, left first
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
