@@ -292,7 +292,9 @@ def test_a_rank_that_stops_answering_times_the_collectives_out(chain):
 def test_ctrl_c_stops_servers_and_ranks_and_leaves_a_complete_checkpoint(chain):
     found = chain.result("interrupted")
     assert found["code"] == 130
-    assert "interrupted (Ctrl-C)" in found["output"] and "interrupted (SIGINT)" in found["output"]
+    tail = found["output"][-4000:]  # shown whole when an assertion fails
+    assert "interrupted (Ctrl-C)" in found["output"], tail
+    assert "interrupted (SIGINT)" in found["output"], tail
     assert found["servers"] and not any(is_alive(pid) for pid in found["servers"])
     checkpoint = chain.out / "checkpoints" / found["latest"]
     assert (checkpoint / "loop.json").is_file() and (checkpoint / "engine").is_dir()
