@@ -46,6 +46,9 @@ class ActorConfig:
     full_finetune: bool = False  # train every parameter (for comparison); exports no adapter
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
     gradient_checkpointing: bool = False
+    # fsdp2: keep the adapter (and its AdamW state) whole on every rank instead of sharded, so
+    # an export gathers nothing (gradients are all-reduced once per step instead)
+    replicate_adapter: bool = False
     param_dtype: str = ""  # FSDP2 mixed precision: compute dtype of parameters ("" = as loaded)
     reduce_dtype: str = "float32"  # FSDP2 mixed precision: gradient reduction dtype
     max_tokens_per_microbatch: int = 8192

@@ -12,7 +12,9 @@ to rank 0, write them as one safetensors file, POST /collective_rpc reload_weigh
 /reset_prefix_cache. No generation is timed. After each path the server's log-probabilities of a
 48-token probe are compared with the trainer's (the adapter version, then the merged base), and
 the original base weights are reloaded (untimed) so every round starts alike. Also timed each
-round, outside both paths: the plugin's adapter gather alone, to show what the gather costs.
+round: (a') path (a) for a second engine trained alike but with actor.replicate_adapter (the
+adapter whole on every rank, so its export gathers nothing), and, outside the paths, the
+plugin's adapter gather alone, to show what the gather costs.
 The merged path gathers one tensor at a time (``full_tensor``), as a TRL-style trainer does.
 Reported: medians over the timed rounds, bytes of the files each path writes and the server reads, and the ratio
 of the median sync times (a)/(b).
@@ -60,6 +62,7 @@ def start_server(model: Path, work: Path):
 def summarise(rounds: list[dict]) -> dict:
     timed = [r for r in rounds if not r["warmup"]]
     adapter = [r["adapter_export_seconds"] + r["adapter_load_seconds"] for r in timed]
+    replicated = [r["replicated_export_seconds"] + r["replicated_load_seconds"] for r in timed]
     merged = [r["merged_merge_gather_seconds"] + r["merged_write_seconds"] + r["merged_reload_seconds"]
               + r["merged_prefix_reset_seconds"] for r in timed]
 
@@ -68,6 +71,11 @@ def summarise(rounds: list[dict]) -> dict:
 
     return {
         "adapter_vs_merged_sync_ratio": median(adapter) / median(merged),
+        "replicated_adapter_vs_merged_sync_ratio": median(replicated) / median(merged),
+        "replicated_adapter_sync_seconds": median(replicated),
+        "replicated_export_seconds": med("replicated_export_seconds"),
+        "replicated_load_seconds": med("replicated_load_seconds"),
+        "replicated_max_logprob_difference": max(r["replicated_logprob_difference"] for r in rounds),
         "adapter_vs_merged_sync_ratio_per_round_median": median([a / m for a, m in zip(adapter, merged)]),
         "adapter_sync_seconds": median(adapter),
         "merged_sync_seconds": median(merged),
@@ -94,6 +102,11 @@ def table(s: dict) -> str:
         ["(a) adapter: export (gather from 2 ranks + write)", s["adapter_export_seconds"], ""],
         ["(a) adapter: load on the server", s["adapter_load_seconds"], ""],
         ["(a) adapter: sync total", s["adapter_sync_seconds"], f"{s['adapter_bytes'] / 1e6:.1f} MB"],
+        ["(a') replicated adapter (actor.replicate_adapter): export (write only)",
+         s["replicated_export_seconds"], ""],
+        ["(a') replicated adapter: load on the server", s["replicated_load_seconds"], ""],
+        ["(a') replicated adapter: sync total", s["replicated_adapter_sync_seconds"],
+         f"{s['adapter_bytes'] / 1e6:.1f} MB"],
         ["diagnostic: the plugin's adapter gather alone (coalesced, to rank 0)",
          s["adapter_gather_seconds"], ""],
         ["(b) merged: merge + gather from 2 ranks", s["merged_merge_gather_seconds"], ""],
@@ -104,10 +117,13 @@ def table(s: dict) -> str:
     ]
     text = markdown_table(["step", "median seconds", "bytes"], rows)
     verdict = "met" if s["adapter_vs_merged_sync_ratio"] <= GOAL else "MISSED"
+    replicated_verdict = "met" if s["replicated_adapter_vs_merged_sync_ratio"] <= GOAL else "MISSED"
     return (text + f"\n\nsync time ratio (a)/(b): {s['adapter_vs_merged_sync_ratio']:.2%} "
-            f"(goal <= {GOAL:.1%}: {verdict}); bytes ratio {s['bytes_ratio']:.2%}; "
+            f"(goal <= {GOAL:.1%}: {verdict}); with actor.replicate_adapter, (a')/(b): "
+            f"{s['replicated_adapter_vs_merged_sync_ratio']:.2%} ({replicated_verdict}); bytes ratio {s['bytes_ratio']:.2%}; "
             f"max |logprob difference| server vs trainer: adapter "
-            f"{s['adapter_max_logprob_difference']:.2g}, merged {s['merged_max_logprob_difference']:.2g} "
+            f"{s['adapter_max_logprob_difference']:.2g}, replicated adapter "
+            f"{s['replicated_max_logprob_difference']:.2g}, merged {s['merged_max_logprob_difference']:.2g} "
             f"(the adapter itself moves them by >= {s['adapter_min_logprob_effect']:.2g})")
 
 
@@ -141,6 +157,7 @@ def main() -> None:
         **summary, "model": name, "model_shape": shape, "parameters": parameter_count(shape),
         "lora_rank": LORA_RANK, "rounds": args.rounds, "warmup_rounds": args.warmup,
         "goal_ratio": GOAL, "goal_met": summary["adapter_vs_merged_sync_ratio"] <= GOAL,
+        "goal_met_replicated_adapter": summary["replicated_adapter_vs_merged_sync_ratio"] <= GOAL,
         "raw_rounds": ranks[0]["rounds"],
     }, method, table(summary))
 

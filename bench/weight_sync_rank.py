@@ -22,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import attrs  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -70,10 +71,16 @@ def main() -> None:
         actor=actor, train=TrainConfig(seed=1), gconfig=GenerationConfig(lora_name=LORA_NAME),
         rollout=RolloutConfig(backend=SERVER, servers=[args.server], request_timeout=900.0),
     )
-    engine = registry.build_engine(ENGINE, config)
-    engine.load_base_model()
-    registry.call("areal_inject_adapter", ENGINE, engine=engine, actor=actor)
-    registry.call("areal_shard_model", ENGINE, engine=engine, actor=actor)
+
+    def build(actor):
+        built = registry.build_engine(ENGINE, attrs.evolve(config, actor=actor))
+        built.load_base_model()
+        registry.call("areal_inject_adapter", ENGINE, engine=built, actor=actor)
+        registry.call("areal_shard_model", ENGINE, engine=built, actor=actor)
+        return built
+
+    engine = build(actor)  # the default: the adapter sharded like the rest
+    replicated = build(attrs.evolve(actor, replicate_adapter=True))  # actor.replicate_adapter
 
     server = http = None
     if rank == 0:
@@ -97,6 +104,7 @@ def main() -> None:
     rounds = []
     for index in range(args.warmup + args.rounds):
         engine.train_step(training_batch(index, rank), nll)
+        replicated.train_step(training_batch(index, rank), nll)
         trainer = engine.compute_logprobs([PROBE])[0].tolist()
         base = engine.compute_logprobs([PROBE], disable_adapter=True)[0].tolist()
         # How far the adapter moves the probe: what a server serving the wrong weights would miss.
@@ -107,11 +115,11 @@ def main() -> None:
         dist.barrier()
         start = time.perf_counter()
         adapter = registry.call("areal_export_adapter", ENGINE, engine=engine,
-                                directory=str(work / "adapters" / f"v{index}"), version=index)
+                                directory=str(work / "adapters" / f"v{2 * index}"), version=2 * index)
         record["adapter_export_seconds"] = time.perf_counter() - start
         record["adapter_bytes"] = adapter.num_bytes
         if rank == 0:
-            name = f"{LORA_NAME}-v{index}"
+            name = f"{LORA_NAME}-v{2 * index}"  # odd versions: the replicated engine's
             start = time.perf_counter()
             registry.call("areal_load_rollout_adapter", SERVER, server=server, adapter=adapter,
                           lora_name=name)
@@ -150,6 +158,24 @@ def main() -> None:
             server.unload_adapter(name)
         del tensors
         dist.barrier()
+
+        # (a') the same with actor.replicate_adapter: nothing to gather.
+        replicated_trainer = replicated.compute_logprobs([PROBE])[0].tolist()
+        dist.barrier()
+        start = time.perf_counter()
+        adapter = registry.call("areal_export_adapter", ENGINE, engine=replicated,
+                                directory=str(work / "adapters" / f"v{2 * index + 1}"), version=2 * index + 1)
+        record["replicated_export_seconds"] = time.perf_counter() - start
+        if rank == 0:
+            replicated_name = f"{LORA_NAME}-v{2 * index + 1}"
+            start = time.perf_counter()
+            registry.call("areal_load_rollout_adapter", SERVER, server=server, adapter=adapter,
+                          lora_name=replicated_name)
+            record["replicated_load_seconds"] = time.perf_counter() - start
+            record["replicated_logprob_difference"] = max_abs_difference(
+                server.prompt_logprobs(PROBE, lora_name=replicated_name), replicated_trainer)
+            server.unload_adapter(replicated_name)
+        dist.barrier()
         rounds.append(record)
         if rank == 0:
             print(record, flush=True)
@@ -158,6 +184,7 @@ def main() -> None:
         server.stop()
         http.close()
     engine.close()
+    replicated.close()
     write_rank_result(args.out, rank, {"rounds": rounds})
     dist.destroy_process_group()
 

@@ -233,15 +233,16 @@ def resume_first_half_case(rec: Recorder, path: str, checkpoint: Path) -> None:
     engine.close()
 
 
-def resume_second_half_case(rec: Recorder, path: str, checkpoint: Path) -> None:
+def resume_second_half_case(rec: Recorder, path: str, checkpoint: Path, case: str = "resume_second_half",
+                            **options) -> None:
     torch.manual_seed(12345)  # a different RNG state than at save time
-    engine = build(path, **RESUME_OPTIONS, seed=99)  # another initial adapter, overwritten by the load
+    engine = build(path, **RESUME_OPTIONS, **options, seed=99)  # another initial adapter, overwritten by the load
     engine.load_checkpoint(str(checkpoint))
     restored_step = engine.step
     rng_after_load = torch.get_rng_state().tolist()
     metrics = train(engine, 77, range(2, 4), [2, 3])
-    rec.save_tensors("resume_second_half", "final", engine.trainable_state())
-    rec.results["resume_second_half"] = {
+    rec.save_tensors(case, "final", engine.trainable_state())
+    rec.results[case] = {
         "metrics": metrics, "restored_step": restored_step, "step": engine.step,
         "rng_after_load": rng_after_load,
     }
@@ -264,6 +265,8 @@ def run(args) -> None:
                     max_tokens_per_microbatch=24)
         export_case(rec, "qwen2_r16_all_gc", args.qwen2, 3, data="qwen2_r16_all", lora_rank=16, lora_alpha=32,
                     max_tokens_per_microbatch=24, gradient_checkpointing=True)
+        export_case(rec, "qwen2_r16_all_replicated", args.qwen2, 3, data="qwen2_r16_all", lora_rank=16,
+                    lora_alpha=32, max_tokens_per_microbatch=24, replicate_adapter=True)
         export_case(rec, "llama_r1_subset", args.llama, 3, lora_rank=1, lora_alpha=3,
                     target_modules=["v_proj", "q_proj", "down_proj"], max_tokens_per_microbatch=20)
         export_case(rec, "qwen2_bf16_base", args.qwen2, 2, lora_rank=8, lora_alpha=16, dtype="bfloat16")
@@ -278,6 +281,9 @@ def run(args) -> None:
 
         init_group(ports[1], rank, 2)
         resume_second_half_case(rec, args.qwen2, checkpoint)
+        # The same checkpoint (saved sharded) resumed with the adapter kept whole on each rank.
+        resume_second_half_case(rec, args.qwen2, checkpoint, "resume_second_half_replicated",
+                                replicate_adapter=True)
         dist.destroy_process_group()
 
         if rank == 0:

@@ -20,6 +20,7 @@ FLOAT32_TOLERANCE = 1e-6
 EXPORT_CASES = {
     # case: (model fixture, rank, alpha, target modules in the file)
     "qwen2_r16_all": ("tiny_qwen2", 16, 32, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    "qwen2_r16_all_replicated": ("tiny_qwen2", 16, 32, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
     "llama_r1_subset": ("tiny_llama", 1, 3, ["down_proj", "q_proj", "v_proj"]),
 }
 PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+\.lora_[AB]\.weight$")
@@ -141,6 +142,35 @@ def test_gradient_checkpointing_gives_the_same_update(two_rank_run):
     )
     assert sorted(plain) == sorted(checkpointed)
     assert max(float((plain[k] - checkpointed[k]).abs().max()) for k in plain) <= FLOAT32_TOLERANCE
+
+
+def test_a_replicated_adapter_gets_the_sharded_update(two_rank_run):
+    from safetensors.torch import load_file
+
+    def adapter(case):
+        return load_file(str(Path(two_rank_run.result(case)["export"]["path"]) / "adapter_model.safetensors"))
+
+    # The gradients are the same sums; only the gradient norm is summed in another order (each
+    # rank's half of the squares, or all of them on rank 0), which scales the clipped update by
+    # 1 +- 3e-8. AdamW magnifies that on lora_A entries whose gradients are near zero (lora_B
+    # starts at zero), up to ~1e-5 after 3 steps of lr 1e-2; gradients not summed over the
+    # ranks would move the adapter by ~1e-2.
+    sharded, replicated = adapter("qwen2_r16_all"), adapter("qwen2_r16_all_replicated")
+    assert sorted(sharded) == sorted(replicated)
+    assert max(float((sharded[k] - replicated[k]).abs().max()) for k in sharded) <= 5e-5
+    steps = zip(two_rank_run.result("qwen2_r16_all_replicated")["metrics"],
+                two_rank_run.result("qwen2_r16_all")["metrics"], strict=True)
+    for replicated_step, sharded_step in steps:
+        assert replicated_step["grad_norm"] == pytest.approx(sharded_step["grad_norm"], rel=1e-6)
+        assert replicated_step["loss"] == pytest.approx(sharded_step["loss"], rel=1e-5)
+
+
+def test_a_sharded_checkpoint_resumes_with_a_replicated_adapter(two_rank_run):
+    straight = two_rank_run.tensors("resume_straight", "final")
+    resumed = two_rank_run.tensors("resume_second_half_replicated", "final")
+    assert two_rank_run.result("resume_second_half_replicated")["restored_step"] == 2
+    assert sorted(straight) == sorted(resumed)
+    assert max(float((straight[k] - resumed[k]).abs().max()) for k in straight) <= FLOAT32_TOLERANCE
 
 
 def test_bfloat16_base_trains_a_float32_adapter(two_rank_run, tiny_qwen2):

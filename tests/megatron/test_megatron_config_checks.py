@@ -149,3 +149,9 @@ def test_the_engine_refuses_before_touching_process_groups(tiny_qwen2, tmp_path,
         plugin.areal_build_engine(backend="megatron",
                                   config=run_config(variant(tmp_path, tiny_qwen2, num_local_experts=4)))
     assert not dist.is_initialized()
+
+
+def test_replicate_adapter_is_an_fsdp2_option(tiny_qwen2):
+    found = check_config(run_config(tiny_qwen2, replicate_adapter=True))
+    assert [e.key for e in found] == ["actor.replicate_adapter"]
+    assert "fsdp2" in str(found[0])

@@ -75,6 +75,10 @@ def gather_full_tensors(
     gathered: dict[str, torch.Tensor] = {}
     for bucket in _buckets(pieces, bucket_bytes):
         totals = [sum(counts[r] for _, _, counts, _ in bucket) for r in range(world)]
+        if not any(totals[1:]):  # nothing sharded (a replicated adapter): rank 0 has it all
+            if rank == 0:
+                gathered.update((name, local.to("cpu", copy=True)) for name, local, _, _ in bucket)
+            continue
         longest = max(totals)
         first = bucket[0][1]
         padded = torch.zeros(longest, dtype=first.dtype, device=first.device)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from areal_core.errors import ArealError
 
@@ -101,3 +102,28 @@ def raise_together(local_error: str | None, error_type: type[Exception] = ArealE
         raise error_type(local_error)
     rank, error = failing[0]
     raise error_type(f"rank {rank} failed: {error}")
+
+
+def sum_replicated_gradients(params: list[torch.nn.Parameter], device: torch.device) -> None:
+    """Sum over ranks the gradients of the parameters FSDP2 does not shard (collective).
+
+    FSDP2 reduce-scatters the gradients of what it shards; a parameter kept whole on every rank
+    (``actor.replicate_adapter``) has only this rank's gradient. One all-reduce of one flat
+    buffer per dtype; a missing gradient counts as zero, so every rank sends the same layout.
+    """
+    whole = [p for p in params if not isinstance(p, DTensor)]
+    if dist.get_world_size() == 1 or not whole:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for param in whole:
+        by_dtype.setdefault(param.dtype, []).append(param)
+    for dtype, group in by_dtype.items():
+        flat = torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(device) for p in group
+        ])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for param in group:
+            count = param.numel()
+            param.grad = flat[offset: offset + count].view_as(param).to(param.device)
+            offset += count

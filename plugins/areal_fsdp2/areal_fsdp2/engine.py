@@ -273,6 +273,7 @@ class FSDP2Engine:
             self.optimizer.zero_grad(set_to_none=True)
             raise
         params = optimizer.trainable_parameters(self.model)
+        distributed.sum_replicated_gradients(params, self.device)
         grad_norm = optimizer.clip_grad_norm(params, self.actor.optimizer.grad_clip, self.device)
         skipped = not math.isfinite(grad_norm)
         if not skipped:

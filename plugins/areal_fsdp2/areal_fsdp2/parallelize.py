@@ -38,6 +38,15 @@ def mixed_precision_policy(actor: ActorConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
+def kept_whole(model: torch.nn.Module, layers: list[torch.nn.Module], actor: ActorConfig) -> set:
+    """The parameters FSDP2 leaves unsharded: ``frozen_outside_layers``, and the adapter itself
+    under ``actor.replicate_adapter`` (its gradients are then all-reduced by the engine)."""
+    whole = frozen_outside_layers(model, layers, actor)
+    if actor.replicate_adapter and not actor.full_finetune:
+        whole |= {p for p in model.parameters() if p.requires_grad}
+    return whole
+
+
 def frozen_outside_layers(
     model: torch.nn.Module, layers: list[torch.nn.Module], actor: ActorConfig
 ) -> set[torch.nn.Parameter]:
@@ -60,20 +69,20 @@ def shard_model(
     """Shard ``model`` (the peft wrapper, or the HF model itself) in place over ``mesh``.
 
     ``hf_model`` is the transformers model inside it (where the decoder layers and gradient
-    checkpointing live). Parameters move to the mesh's device as they are sharded; the frozen
-    parameters outside the layers of a LoRA model are kept whole (``frozen_outside_layers``).
+    checkpointing live). Parameters move to the mesh's device as they are sharded; those in
+    ``kept_whole`` stay whole on every rank.
     """
     if actor.gradient_checkpointing:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = mixed_precision_policy(actor)
     layers = decoder_layers(hf_model)
-    kept_whole = frozen_outside_layers(model, layers, actor)
+    whole = kept_whole(model, layers, actor)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=kept_whole or None)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=whole or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole or None)
     device = mesh.device_type
     with torch.no_grad():
-        for param in kept_whole:
+        for param in whole:
             if not param.is_meta and param.device.type != device:
                 param.data = param.data.to(device)
     for module in model.modules():

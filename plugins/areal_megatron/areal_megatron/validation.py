@@ -38,6 +38,10 @@ def check_config(config: RunConfig) -> list[ConfigError]:
         errors.append(ConfigError("actor.device", actor.device,
                                   f"{cpu_mode.ENV_VAR} asks for the CPU workaround but actor.device is cuda",
                                   f"unset {cpu_mode.ENV_VAR} to train on the GPU"))
+    if actor.replicate_adapter:
+        errors.append(ConfigError("actor.replicate_adapter", True,
+                                  "the megatron engine places the adapter with its tensor-parallel layout",
+                                  "set actor.replicate_adapter: false (it applies to the fsdp2 engine)"))
     # The core's own model-directory findings (identical objects, so `areal check` lists them once).
     model_errors = check_model_dir(config)
     if model_errors:
