@@ -33,7 +33,7 @@ import attrs
 
 from areal_core.errors import ArealError
 from areal_core.tasks import arithmetic
-from areal_core.testing.tiny_models import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+from areal_core.testing.tiny_models import EOS_ID, PAD_ID, model_config, save_model_directory
 
 MARKER_NAME = "areal_demo_recipe.json"
 #: Bump when the code changes what a recipe builds, so that cached directories are rebuilt.
@@ -97,24 +97,12 @@ def is_built(directory: str | Path, recipe: BaseModelRecipe = DEFAULT_RECIPE) ->
 
 
 def _model_config(recipe: BaseModelRecipe):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=recipe.vocab_size,
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads,
-        num_key_value_heads=recipe.num_kv_heads,
-        max_position_embeddings=recipe.max_position_embeddings,
-        tie_word_embeddings=True,
-        use_sliding_window=False,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        initializer_range=recipe.init_std,
-        rms_norm_eps=1e-6,
-        dtype="float32",
+    return model_config(
+        arch="qwen2", hidden_size=recipe.hidden_size, num_layers=recipe.num_layers,
+        num_heads=recipe.num_heads, num_kv_heads=recipe.num_kv_heads,
+        intermediate_size=recipe.intermediate_size, vocab_size=recipe.vocab_size,
+        tie_word_embeddings=True, max_position_embeddings=recipe.max_position_embeddings,
+        init_std=recipe.init_std,
     )
 
 
@@ -234,14 +222,6 @@ def train_base_model(recipe: BaseModelRecipe, log: Callable[[str], None] = lambd
     return model, metrics
 
 
-def _write_model_directory(model, directory: Path) -> None:
-    model.save_pretrained(str(directory), safe_serialization=True)
-    build_tokenizer(directory)
-    (directory / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}) + "\n"
-    )
-
-
 def _staging_prefix(out: Path) -> str:
     return f".{out.name}.building-"
 
@@ -312,7 +292,7 @@ def build_base_model(
         started = time.monotonic()
         log(f"base model: building recipe {recipe.digest()} into {out}")
         model, metrics = train_base_model(recipe, log)
-        _write_model_directory(model, staging)
+        save_model_directory(model, staging)
         metrics["build_seconds"] = round(time.monotonic() - started, 2)
         marker = {"hash": recipe.digest(), "recipe": attrs.asdict(recipe), "metrics": metrics,
                   "torch": torch.__version__}

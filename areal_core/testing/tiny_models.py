@@ -37,6 +37,46 @@ def build_tokenizer(directory: str | Path, symbols: list[str] | None = None):
     return tokenizer
 
 
+def model_config(
+    *,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 32,
+    tie_word_embeddings: bool = True,
+    max_position_embeddings: int = 512,
+    init_std: float = 0.02,
+):
+    """The transformers config of a tiny ``arch`` ("qwen2" or "llama") model with this
+    project's tokenizer ids, float32."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        initializer_range=init_std,
+        dtype="float32",
+        rms_norm_eps=1e-6,
+    )
+    if arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; use 'qwen2' or 'llama'")
+
+
 def build_tiny_model(
     directory: str | Path,
     *,
@@ -57,32 +97,15 @@ def build_tiny_model(
     float32 weights; the tokenizer of ``build_tokenizer`` (its vocabulary fits in 32 ids).
     """
     import torch
-    from transformers import LlamaConfig, Qwen2Config
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        initializer_range=init_std,
-        dtype="float32",
-        rms_norm_eps=1e-6,
+    config = model_config(
+        arch=arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
+        init_std=init_std,
     )
-    if arch == "qwen2":
-        config = Qwen2Config(**common, use_sliding_window=False)
-    elif arch == "llama":
-        config = LlamaConfig(**common)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; use 'qwen2' or 'llama'")
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -92,9 +115,14 @@ def build_tiny_model(
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, init_std * 5)
+    save_model_directory(model, directory)
+    return directory
+
+
+def save_model_directory(model, directory: Path) -> None:
+    """``model`` as safetensors, with this project's tokenizer and generation ids."""
     model.save_pretrained(str(directory), safe_serialization=True)
     build_tokenizer(directory)
     (directory / "generation_config.json").write_text(
         json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}) + "\n"
     )
-    return directory

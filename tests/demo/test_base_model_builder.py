@@ -97,7 +97,7 @@ def test_a_failed_build_leaves_no_directory_and_keeps_a_previous_one(tmp_path, m
         (directory / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(base_model, "_write_model_directory", failing_write)
+    monkeypatch.setattr(base_model, "save_model_directory", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
         build_base_model(tmp_path / "fresh", SMALL)
     assert not (tmp_path / "fresh").exists()
@@ -105,7 +105,7 @@ def test_a_failed_build_leaves_no_directory_and_keeps_a_previous_one(tmp_path, m
 
     monkeypatch.undo()
     previous = build_base_model(tmp_path / "kept", SMALL)
-    monkeypatch.setattr(base_model, "_write_model_directory", failing_write)
+    monkeypatch.setattr(base_model, "save_model_directory", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
         build_base_model(previous, attrs.evolve(SMALL, steps=4))
     assert read_marker(previous)["hash"] == SMALL.digest()
