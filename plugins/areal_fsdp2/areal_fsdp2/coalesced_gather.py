@@ -4,7 +4,7 @@ One collective per tensor costs its latency hundreds of times over (336 LoRA ten
 24-layer model; on gloo that was 90% of the export). Here each rank concatenates its local
 shards into one flat buffer per bucket (same dtype, at most ``bucket_bytes``) and ONE gather to
 rank 0 moves it; rank 0 cuts the buffers back into full tensors. Every rank knows every other
-rank's shard sizes without asking: FSDP2 shards dimension 0 the way ``torch.chunk`` does.
+rank's shard sizes without asking (``shard_layout``).
 """
 
 from __future__ import annotations
@@ -14,17 +14,11 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
-from areal_core.errors import ArealError
+from areal_fsdp2.shard_layout import shard_rows
 
 BUCKET_BYTES = 256 * 1024 * 1024
-
-
-def rows_per_rank(rows: int, world: int) -> list[int]:
-    """The dimension-0 length of each rank's shard under ``torch.chunk`` (FSDP2's layout)."""
-    chunk = math.ceil(rows / world) if rows else 0
-    return [max(0, min(chunk, rows - rank * chunk)) for rank in range(world)]
 
 
 def _local_piece(name: str, param: torch.Tensor, world: int):
@@ -33,18 +27,10 @@ def _local_piece(name: str, param: torch.Tensor, world: int):
         full = param.detach()
         counts = [full.numel() if rank == 0 else 0 for rank in range(world)]
         return (full if dist.get_rank() == 0 else full[:0]), counts, tuple(full.shape)
-    if tuple(param.placements) != (Shard(0),):
-        raise ArealError(f"cannot gather {name}: placed as {param.placements}, expected Shard(0)")
     shape = tuple(param.shape)
     row = math.prod(shape[1:])
-    counts = [rows * row for rows in rows_per_rank(shape[0], world)]
-    local = param.to_local().detach()
-    if local.numel() != counts[dist.get_rank()]:
-        raise ArealError(
-            f"cannot gather {name}: this rank holds {tuple(local.shape)} of {shape}, not the "
-            f"torch.chunk layout FSDP2 uses"
-        )
-    return local, counts, shape
+    counts = [rows * row for rows in shard_rows(param, f"cannot gather {name}")]
+    return param.to_local().detach(), counts, shape
 
 
 def _buckets(pieces: list, bucket_bytes: int) -> Iterable[list]:

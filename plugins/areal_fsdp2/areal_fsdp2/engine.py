@@ -25,6 +25,7 @@ from areal_core.config import ActorConfig, RunConfig
 from areal_core.errors import AdapterError, ArealError
 from areal_core.host_allocator import return_freed_tensors_to_the_system
 from areal_core.interfaces import LossFn
+from areal_core.microbatching import plan_microbatches
 
 from areal_fsdp2 import (
     checkpoint, distributed, logprob_head, lora_injection, model_loading, optimizer, parallelize,
@@ -32,7 +33,6 @@ from areal_fsdp2 import (
 )
 from areal_fsdp2.logprob_head import LogprobHead
 from areal_fsdp2.logprobs import forward_logits, sequence_logprobs
-from areal_core.microbatching import plan_microbatches
 from areal_fsdp2.microbatching import sequence_problem
 
 
@@ -120,7 +120,7 @@ class FSDP2Engine:
             loader = sharded_loading.MetaShardLoader(self.model, self.hf_model, self._checkpoint)
         parallelize.shard_model(self.model, self.hf_model, actor, mesh)
         if loader is not None:
-            loader.load(self.device, self.rank, self.world_size)
+            loader.load(self.device)
             self._checkpoint = None
         self.optimizer = optimizer.build_adamw(self.model, actor.optimizer)
         self.stage = "sharded"

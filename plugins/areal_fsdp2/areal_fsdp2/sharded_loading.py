@@ -17,13 +17,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from areal_core.config import ActorConfig
-from areal_core.errors import ArealError
 
-from areal_fsdp2.coalesced_gather import rows_per_rank
 from areal_fsdp2.safetensors_rows import CheckpointTensors
+from areal_fsdp2.shard_layout import local_rows
 
 PEFT_BASE_LAYER = ".base_layer"
 
@@ -121,7 +120,7 @@ class MetaShardLoader:
                 key = next(checkpoint_key(n) for n in names if checkpoint_key(n) in keys)
                 self.base_keys.update({name: key for name in names})
 
-    def load(self, device: torch.device, rank: int, world: int) -> None:
+    def load(self, device: torch.device) -> None:
         """Allocate this rank's shards on ``device`` and fill them (after ``fully_shard``)."""
         self.model.to_empty(device=device)
         _retie(self.model, self.tied_names)
@@ -130,17 +129,15 @@ class MetaShardLoader:
                 buffer.copy_(self.buffers[name])
             for name, param in self.model.named_parameters():
                 if name in self.real_parameters:
-                    full = self.real_parameters[name]
-                    start, stop = _local_rows(param, full.shape[0], rank, world)
-                    _local(param).copy_(full[start:stop])
+                    start, stop = local_rows(param, name)
+                    _local(param).copy_(self.real_parameters[name][start:stop])
             done = set()
             for name, param in self.hf_model.named_parameters(remove_duplicate=False):
                 if name not in self.base_keys or id(param) in done:
                     continue
                 done.add(id(param))
-                key = self.base_keys[name]
-                start, stop = _local_rows(param, self.checkpoint.shape(key)[0], rank, world)
-                _local(param).copy_(self.checkpoint.read_rows(key, start, stop))
+                start, stop = local_rows(param, name)
+                _local(param).copy_(self.checkpoint.read_rows(self.base_keys[name], start, stop))
         self.real_parameters, self.buffers = {}, {}
 
 
@@ -158,19 +155,3 @@ def _retie(model: torch.nn.Module, tied_names: list[list[str]]) -> None:
 
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
-
-
-def _local_rows(param: torch.Tensor, rows: int, rank: int, world: int) -> tuple[int, int]:
-    """The rows of dimension 0 this rank holds of ``param`` (FSDP2's ``torch.chunk`` layout)."""
-    if not isinstance(param, DTensor):
-        return 0, rows
-    if tuple(param.placements) != (Shard(0),):
-        raise ArealError(f"cannot load a parameter placed as {param.placements}; expected Shard(0)")
-    counts = rows_per_rank(rows, world)
-    start = sum(counts[:rank])
-    if param.to_local().shape[0] != counts[rank]:
-        raise ArealError(
-            f"a shard of {tuple(param.shape)} holds {param.to_local().shape[0]} rows on rank {rank}, "
-            f"not the torch.chunk layout ({counts[rank]})"
-        )
-    return start, start + counts[rank]
