@@ -101,6 +101,26 @@ def main() -> None:
         return time.perf_counter() - start
 
     work = Path(args.work)
+
+    def adapter_path(record: dict, prefix: str, trained, version: int, trainer: list[float]) -> str:
+        """Time ``trained``'s export as ``version`` and its load on the server (rank 0) into
+        ``record`` (keys ``<prefix>_export_seconds``...); the name it is served under."""
+        dist.barrier()
+        start = time.perf_counter()
+        adapter = registry.call("areal_export_adapter", ENGINE, engine=trained,
+                                directory=str(work / "adapters" / f"v{version}"), version=version)
+        record[f"{prefix}_export_seconds"] = time.perf_counter() - start
+        record[f"{prefix}_bytes"] = adapter.num_bytes
+        name = f"{LORA_NAME}-v{version}"
+        if rank == 0:
+            start = time.perf_counter()
+            registry.call("areal_load_rollout_adapter", SERVER, server=server, adapter=adapter,
+                          lora_name=name)
+            record[f"{prefix}_load_seconds"] = time.perf_counter() - start
+            record[f"{prefix}_logprob_difference"] = max_abs_difference(
+                server.prompt_logprobs(PROBE, lora_name=name), trainer)
+        return name
+
     rounds = []
     for index in range(args.warmup + args.rounds):
         engine.train_step(training_batch(index, rank), nll)
@@ -112,20 +132,7 @@ def main() -> None:
                   "adapter_logprob_effect": max_abs_difference(base, trainer)}
 
         # (a) this project's path: export the adapter from the shards, load it as a new version.
-        dist.barrier()
-        start = time.perf_counter()
-        adapter = registry.call("areal_export_adapter", ENGINE, engine=engine,
-                                directory=str(work / "adapters" / f"v{2 * index}"), version=2 * index)
-        record["adapter_export_seconds"] = time.perf_counter() - start
-        record["adapter_bytes"] = adapter.num_bytes
-        if rank == 0:
-            name = f"{LORA_NAME}-v{2 * index}"  # odd versions: the replicated engine's
-            start = time.perf_counter()
-            registry.call("areal_load_rollout_adapter", SERVER, server=server, adapter=adapter,
-                          lora_name=name)
-            record["adapter_load_seconds"] = time.perf_counter() - start
-            record["adapter_logprob_difference"] = max_abs_difference(
-                server.prompt_logprobs(PROBE, lora_name=name), trainer)
+        name = adapter_path(record, "adapter", engine, 2 * index, trainer)
 
         # Diagnostic, outside both paths: the plugin's adapter gather alone.
         dist.barrier()
@@ -161,19 +168,8 @@ def main() -> None:
 
         # (a') the same with actor.replicate_adapter: nothing to gather.
         replicated_trainer = replicated.compute_logprobs([PROBE])[0].tolist()
-        dist.barrier()
-        start = time.perf_counter()
-        adapter = registry.call("areal_export_adapter", ENGINE, engine=replicated,
-                                directory=str(work / "adapters" / f"v{2 * index + 1}"), version=2 * index + 1)
-        record["replicated_export_seconds"] = time.perf_counter() - start
+        replicated_name = adapter_path(record, "replicated", replicated, 2 * index + 1, replicated_trainer)
         if rank == 0:
-            replicated_name = f"{LORA_NAME}-v{2 * index + 1}"
-            start = time.perf_counter()
-            registry.call("areal_load_rollout_adapter", SERVER, server=server, adapter=adapter,
-                          lora_name=replicated_name)
-            record["replicated_load_seconds"] = time.perf_counter() - start
-            record["replicated_logprob_difference"] = max_abs_difference(
-                server.prompt_logprobs(PROBE, lora_name=replicated_name), replicated_trainer)
             server.unload_adapter(replicated_name)
         dist.barrier()
         rounds.append(record)
