@@ -125,19 +125,18 @@ class Chain:
             unload_run_adapters(self.server)
         return self.finish(run, code, resumed_from=resumed_from)
 
-    def checkpoint_disk_full(self) -> dict:
+    def _with_fault(self, fault: str) -> dict:
         run = self.launch("resume=true", self.by_address(),
-                          env={**self.injection_env, "AREAL_INJECT_FAULT": "checkpoint-enospc@2"})
+                          env={**self.injection_env, "AREAL_INJECT_FAULT": fault})
         resumed_from = checkpoint_step(run)
         code = run.wait(600)
         return self.finish(run, code, resumed_from=resumed_from)
 
+    def checkpoint_disk_full(self) -> dict:
+        return self._with_fault("checkpoint-enospc@2")
+
     def export_disk_full(self) -> dict:
-        run = self.launch("resume=true", self.by_address(),
-                          env={**self.injection_env, "AREAL_INJECT_FAULT": "export-enospc@2"})
-        resumed_from = checkpoint_step(run)
-        code = run.wait(600)
-        return self.finish(run, code, resumed_from=resumed_from)
+        return self._with_fault("export-enospc@2")
 
     def rank_hangs(self) -> dict:
         run = self.launch("resume=true", self.by_address(), "train.collective_timeout=15")
