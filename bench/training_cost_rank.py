@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402,F401
 
 import areal_fsdp2.engine  # noqa: E402,F401
 from areal_core.config import ActorConfig, OptimizerConfig, RunConfig, TrainConfig  # noqa: E402
+from areal_core.process_exit import exit_now  # noqa: E402
 from areal_core.registry import default_registry  # noqa: E402
 from ranks import init_rank, rss_bytes, write_rank_result  # noqa: E402
 
@@ -114,3 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # see areal_core.process_exit: the teardown can abort after gloo

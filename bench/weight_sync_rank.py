@@ -31,6 +31,7 @@ from areal_core.agreement import max_abs_difference  # noqa: E402
 from areal_core.config import (  # noqa: E402
     ActorConfig, GenerationConfig, OptimizerConfig, RolloutConfig, RunConfig, TrainConfig,
 )
+from areal_core.process_exit import exit_now  # noqa: E402
 from areal_core.registry import default_registry  # noqa: E402
 from areal_fsdp2.adapter_export import gather_trainable  # noqa: E402
 from merged_weights import merge_and_gather  # noqa: E402
@@ -187,3 +188,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)  # see areal_core.process_exit: the teardown can abort after gloo

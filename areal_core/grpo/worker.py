@@ -20,6 +20,8 @@ import signal
 import sys
 import traceback
 
+from areal_core.process_exit import exit_now
+
 
 def _init_distributed(config) -> str:
     import torch
@@ -167,16 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         run_worker(argv[0], argv[1:])
-    except BaseException as exc:  # noqa: BLE001 - every way out gets its one clear line
-        code = _report_failure(exc)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)  # not via the interpreter's teardown: a broken process group can hang it
-    import torch.distributed as dist
+        import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - every way out gets its one clear line
+        exit_now(_report_failure(exc))
+    exit_now(0)  # not via the interpreter's teardown, which can abort or hang (see process_exit)
+    return 0  # not reached
 
 
 def _report_failure(exc: BaseException) -> int:

@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from areal_core.config import ActorConfig, OptimizerConfig, RunConfig, TrainConfig  # noqa: E402
+from areal_core.process_exit import exit_now  # noqa: E402
 from areal_core.registry import Registry  # noqa: E402
 
 REGISTRY = Registry()
@@ -304,4 +305,9 @@ if __name__ == "__main__":
     parser.add_argument("--qwen2", required=True)
     parser.add_argument("--llama", required=True)
     parser.add_argument("--ports", required=True, help="two free ports, comma-separated")
-    run(parser.parse_args())
+    try:
+        run(parser.parse_args())
+    except BaseException:  # recorded in rank<N>.json by run()
+        traceback.print_exc()
+        exit_now(1)
+    exit_now(0)  # see areal_core.process_exit: the interpreter's teardown can abort after gloo

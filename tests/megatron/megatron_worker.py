@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from areal_core.config import ActorConfig, OptimizerConfig, RunConfig, TrainConfig
 from areal_core.errors import ArealError
+from areal_core.process_exit import exit_now
 from areal_megatron import plugin
 
 #: Token sequences of the tiny models' vocabulary (32 ids); varied lengths force padding.
@@ -225,4 +226,4 @@ def main(plan_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    exit_now(main(sys.argv[1]))  # see areal_core.process_exit: the teardown can abort after gloo
