@@ -131,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--warmup", type=int, default=WARMUP)
-    parser.add_argument("--small", action="store_true", help="a small model, to try the script out")
+    parser.add_argument("--small", action="store_true",
+                        help="a small model, to try the script out (writes weight_sync-small.json)")
     args = parser.parse_args()
 
     name, shape = ("sync-small", SMALL) if args.small else ("qwen2-0.5b", QWEN2_05B)
@@ -153,7 +154,7 @@ def main() -> None:
     method = (__doc__.split("Method: ", 1)[1].strip().replace("\n", " ")
               .replace("WARMUP", str(args.warmup)).replace("ROUNDS", str(args.rounds))
               .replace("MODEL", f"{name} ({parameter_count(shape) / 1e6:.0f}M parameters)"))
-    write_result("weight_sync", {
+    write_result("weight_sync-small" if args.small else "weight_sync", {
         **summary, "model": name, "model_shape": shape, "parameters": parameter_count(shape),
         "lora_rank": LORA_RANK, "rounds": args.rounds, "warmup_rounds": args.warmup,
         "goal_ratio": GOAL, "goal_met": summary["adapter_vs_merged_sync_ratio"] <= GOAL,
