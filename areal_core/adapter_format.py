@@ -79,6 +79,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -120,7 +127,7 @@ def write_peft_adapter(
 
     Refuses to overwrite an existing directory: a version is written once.
     """
-    from safetensors.torch import save_file
+    from areal_core.safetensors_writer import write_safetensors
 
     start = time.perf_counter()
     final = Path(directory).absolute()
@@ -130,21 +137,19 @@ def write_peft_adapter(
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
-        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
-        save_file(contiguous, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        on_cpu = {k: v.detach().to("cpu") for k, v in tensors.items()}
+        weights_bytes, weights_sha256 = write_safetensors(staging / WEIGHTS_FILE, on_cpu, {"format": "pt"})
         config = adapter_config(rank, alpha, target_modules, base_model_path)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config_text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         manifest = {
             "version": version,
             "files": {
-                name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
-                for name in (CONFIG_FILE, WEIGHTS_FILE)
+                CONFIG_FILE: {"bytes": len(config_text), "sha256": hashlib.sha256(config_text).hexdigest()},
+                WEIGHTS_FILE: {"bytes": weights_bytes, "sha256": weights_sha256},
             },
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
-            with open(staging / name, "rb") as handle:
-                os.fsync(handle.fileno())
+        _write_durably(staging / CONFIG_FILE, config_text)
+        _write_durably(staging / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         os.chmod(staging, 0o755)
         os.rename(staging, final)
         _fsync_dir(final.parent)
