@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -167,11 +168,12 @@ def write_peft_adapter(
     )
 
 
-def verify_adapter_dir(directory: str | os.PathLike) -> dict:
+def verify_adapter_dir(directory: str | os.PathLike, *, checksums: bool = True) -> dict:
     """Check an adapter directory before it is handed to a server; return its adapter config.
 
     Refuses pickled weights, missing files, a manifest whose sizes or checksums disagree with
-    the files, and a config whose rank disagrees with the tensors.
+    the files, and a config whose rank disagrees with the tensors. With ``checksums=False`` the
+    SHA-256 of the files is left to a ``ChecksumCheck`` that runs while a server reads them.
     """
     path = Path(directory)
     if not path.is_dir():
@@ -185,15 +187,11 @@ def verify_adapter_dir(directory: str | os.PathLike) -> dict:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise AdapterError(f"adapter directory {path} has no {name}")
-    manifest_path = path / MANIFEST_FILE
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        for name, expected in manifest.get("files", {}).items():
-            actual = path / name
-            if not actual.is_file() or actual.stat().st_size != expected["bytes"]:
-                raise AdapterError(f"{actual}: size differs from its manifest (truncated or changed)")
-            if _sha256(actual) != expected["sha256"]:
-                raise AdapterError(f"{actual}: checksum differs from its manifest (changed after export)")
+    for actual, expected in _manifest_entries(path):
+        if not actual.is_file() or actual.stat().st_size != expected["bytes"]:
+            raise AdapterError(f"{actual}: size differs from its manifest (truncated or changed)")
+    if checksums:
+        _check_checksums(path)
     config = json.loads((path / CONFIG_FILE).read_text())
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise AdapterError(f"{path / CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
@@ -217,3 +215,52 @@ def verify_adapter_dir(directory: str | os.PathLike) -> dict:
             f"tensors, which adapt {sorted(modules)}"
         )
     return config
+
+
+def _manifest_entries(path: Path) -> list[tuple[Path, dict]]:
+    """``(file, its manifest entry)`` for each file the manifest lists (none without a manifest)."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return []
+    manifest = json.loads(manifest_path.read_text())
+    return [(path / name, expected) for name, expected in manifest.get("files", {}).items()]
+
+
+def _check_checksums(path: Path) -> None:
+    for actual, expected in _manifest_entries(path):
+        if _sha256(actual) != expected["sha256"]:
+            raise AdapterError(f"{actual}: checksum differs from its manifest (changed after export)")
+
+
+class ChecksumCheck:
+    """The manifest's SHA-256 check of an adapter directory, in a thread of its own.
+
+    A server plugin starts it after ``verify_adapter_dir(path, checksums=False)`` and sends the
+    load meanwhile: hashing (about 25 ms for a 35 MB adapter) then overlaps the server's own
+    reading of the files instead of coming before it. The plugin calls ``result()`` before it
+    reports the version live, and unloads the version on a mismatch, so no request ever uses
+    an adapter whose files changed after export. (The GRPO loop's admission check hashes the
+    files before any load as well.)
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self._path = Path(directory)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="adapter-checksums", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _check_checksums(self._path)
+        except BaseException as exc:  # noqa: BLE001 - raised by result() in the caller's thread
+            self._error = exc
+
+    def result(self) -> None:
+        """Wait for the check; raise its AdapterError (or what else stopped it)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def join(self) -> None:
+        """Wait for the check without raising (on a path that already failed)."""
+        self._thread.join()

@@ -94,6 +94,13 @@ def test_truncated_or_changed_files_are_refused(tmp_path):
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(AdapterError, match="checksum"):
         verify_adapter_dir(path)
+    # the same change, with the checksums left to a check that runs while a server reads
+    verify_adapter_dir(path, checksums=False)
+    with pytest.raises(AdapterError, match="checksum differs"):
+        adapter_format.ChecksumCheck(path).result()
+    adapter_format.ChecksumCheck(path).join()  # waits, raises nothing
+    weights.write_bytes(data)
+    adapter_format.ChecksumCheck(path).result()
 
 
 def test_config_rank_disagreeing_with_tensors_is_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -89,10 +90,22 @@ def test_load_failures_keep_the_live_version_serving(serving, tiny_qwen2, tmp_pa
         client.load_adapter(refused, "faults-v4")
     assert_v1_still_serves(client, outputs)
 
+    # Changed after export, same size: SGLang reads it while it is hashed, and the mismatch
+    # unloads it before the load returns.
+    changed = write_adapter(tmp_path / "v5", tiny_qwen2, version=5, seed=25)
+    weights = Path(changed.path) / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterLoadError, match="checksum differs from its manifest.*unloaded before any request"):
+        client.load_adapter(changed, "faults-v5")
+    assert "faults-v5" not in client.loaded_adapters()
+    assert_v1_still_serves(client, outputs)
+
     # A failed name is never reused; the next version loads and serves.
-    client.load_adapter(write_adapter(tmp_path / "v5", tiny_qwen2, version=5, seed=25), "faults-v5")
-    assert client.loaded_adapters() == ["faults-v5"]
-    assert client.generate(PROMPTS, lora_name="faults-v5", version=5, n=1, sampling=GREEDY)[0][0].version == 5
+    client.load_adapter(write_adapter(tmp_path / "v6", tiny_qwen2, version=6, seed=26), "faults-v6")
+    assert client.loaded_adapters() == ["faults-v6"]
+    assert client.generate(PROMPTS, lora_name="faults-v6", version=6, n=1, sampling=GREEDY)[0][0].version == 6
 
 
 @pytest.mark.server

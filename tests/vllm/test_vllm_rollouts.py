@@ -214,8 +214,22 @@ def test_load_errors_name_the_problem_and_the_live_version_keeps_serving(connect
     assert outputs(server.generate(PROMPTS, lora_name="err-v1", version=1, n=1, sampling=GREEDY)) == outputs(before)
     with pytest.raises(ArealError, match="never reused"):  # a refused name stays burnt
         server.load_adapter(exported(adapters("two"), 2), "err-v2")
-    server.load_adapter(exported(adapters("two"), 3), "err-v3")
-    assert "err-v3" in server.loaded_adapters()
+
+    # changed after export, same size: the server reads it while it is hashed, and the mismatch
+    # unloads it before the load returns
+    changed = tmp_path / "changed"
+    shutil.copytree(adapters("two"), changed)
+    weights = changed / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterLoadError, match="checksum differs from its manifest.*unloaded before any request"):
+        server.load_adapter(exported(changed, 3), "err-v3")
+    assert "err-v3" not in server.loaded_adapters()
+    assert outputs(server.generate(PROMPTS, lora_name="err-v1", version=1, n=1, sampling=GREEDY)) == outputs(before)
+
+    server.load_adapter(exported(adapters("two"), 4), "err-v4")
+    assert "err-v4" in server.loaded_adapters()
 
     # the managed server knows its own flag and refuses before asking vLLM
     version = (vllm_server.versions.latest or 0) + 1

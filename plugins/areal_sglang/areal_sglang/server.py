@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from areal_core.adapter_format import verify_adapter_dir
+from areal_core.adapter_format import ChecksumCheck, verify_adapter_dir
 from areal_core.config import RunConfig
 from areal_core.errors import AdapterError, AdapterLoadError, ArealError, ConfigInvalid
 from areal_core.interfaces import ExportedAdapter, Sample, SamplingParams
@@ -171,7 +171,7 @@ class SGLangRolloutServer:
                 f"{lora_name!r} (names are <gconfig.lora_name>-v<version>)"
             )
         try:
-            verify_adapter_dir(adapter.path)
+            verify_adapter_dir(adapter.path, checksums=False)
         except AdapterError as exc:
             raise AdapterLoadError(f"adapter {lora_name} was not sent to SGLang: {exc}") from exc
         try:
@@ -179,21 +179,31 @@ class SGLangRolloutServer:
         except ArealError as exc:
             raise AdapterLoadError(str(exc)) from exc
         path = str(Path(adapter.path).absolute())
-        loaded_on: list[HttpClient] = []
-        for client in self.clients:
-            response = client.post_json("/load_lora_adapter", payloads.load_payload(lora_name, path))
-            refusal = _load_refusal(response)
-            if not refusal:
-                loaded_on.append(client)
-                listed = self._listed(client)
-                if lora_name not in listed:
-                    refusal = f"it answered the load but does not list {lora_name} (it lists {sorted(listed)})"
-            if refusal:
-                self._unload_from(lora_name, loaded_on)  # all servers or none
-                raise AdapterLoadError(
-                    f"SGLang server {client.base_url} refused adapter {lora_name} from {path}: "
-                    f"{refusal}. The versions loaded before keep serving."
-                )
+        checksums = ChecksumCheck(path)  # hashed while the servers read the files
+        try:
+            loaded_on: list[HttpClient] = []
+            for client in self.clients:
+                response = client.post_json("/load_lora_adapter", payloads.load_payload(lora_name, path))
+                refusal = _load_refusal(response)
+                if not refusal:
+                    loaded_on.append(client)
+                    listed = self._listed(client)
+                    if lora_name not in listed:
+                        refusal = f"it answered the load but does not list {lora_name} (it lists {sorted(listed)})"
+                if refusal:
+                    self._unload_from(lora_name, loaded_on)  # all servers or none
+                    raise AdapterLoadError(
+                        f"SGLang server {client.base_url} refused adapter {lora_name} from {path}: "
+                        f"{refusal}. The versions loaded before keep serving."
+                    )
+            try:
+                checksums.result()
+            except AdapterError as exc:
+                self._unload_from(lora_name, loaded_on)
+                raise AdapterLoadError(f"adapter {lora_name}: {exc}; it was unloaded before any request "
+                                       f"used it. The versions loaded before keep serving.") from exc
+        finally:
+            checksums.join()
         self.versions.confirm(adapter.version)
         self._unload_stale()
 

@@ -20,7 +20,7 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
-from areal_core.adapter_format import verify_adapter_dir
+from areal_core.adapter_format import ChecksumCheck, verify_adapter_dir
 from areal_core.config import RunConfig
 from areal_core.errors import (
     AdapterError,
@@ -247,30 +247,40 @@ class VllmRolloutServer:
                              f"not {lora_name!r} (names are <gconfig.lora_name>-v<N>)")
         path = Path(adapter.path).absolute()
         try:
-            adapter_config = verify_adapter_dir(path)
+            adapter_config = verify_adapter_dir(path, checksums=False)
         except AdapterError as exc:
             raise AdapterLoadError(f"cannot load {lora_name}: {exc}") from exc
         self._check_servable(adapter_config, lora_name, path)
-        with self._load_lock:
-            self.versions.reserve(adapter.version)
-            loaded_on = []
-            for client in self._clients:
+        checksums = ChecksumCheck(path)  # hashed while the servers read the files
+        try:
+            with self._load_lock:
+                self.versions.reserve(adapter.version)
+                loaded_on = []
+                for client in self._clients:
+                    try:
+                        self._call(client, "POST", "/v1/load_lora_adapter",
+                                   {"lora_name": lora_name, "lora_path": str(path)})
+                    except ServerRequestError as exc:
+                        self._unload_from(lora_name, loaded_on)
+                        raise AdapterLoadError(
+                            f"vLLM server at {client.address} refused to load {lora_name} from {path} "
+                            f"(HTTP {exc.status}): {exc.message}"
+                        ) from exc
+                    loaded_on.append(client)
                 try:
-                    self._call(client, "POST", "/v1/load_lora_adapter",
-                               {"lora_name": lora_name, "lora_path": str(path)})
-                except ServerRequestError as exc:
+                    checksums.result()
+                except AdapterError as exc:
                     self._unload_from(lora_name, loaded_on)
-                    raise AdapterLoadError(
-                        f"vLLM server at {client.address} refused to load {lora_name} from {path} "
-                        f"(HTTP {exc.status}): {exc.message}"
-                    ) from exc
-                loaded_on.append(client)
-            missing = [c.address for c in self._clients
-                       if lora_name not in {m["id"] for m in self._call(c, "GET", "/v1/models")["data"]}]
-            if missing:
-                self._unload_from(lora_name, loaded_on)
-                raise AdapterLoadError(f"vLLM accepted {lora_name} but {', '.join(missing)} do not list it")
-            self.versions.confirm(adapter.version)
+                    raise AdapterLoadError(f"cannot load {lora_name}: {exc}; it was unloaded before any "
+                                           f"request used it") from exc
+                missing = [c.address for c in self._clients
+                           if lora_name not in {m["id"] for m in self._call(c, "GET", "/v1/models")["data"]}]
+                if missing:
+                    self._unload_from(lora_name, loaded_on)
+                    raise AdapterLoadError(f"vLLM accepted {lora_name} but {', '.join(missing)} do not list it")
+                self.versions.confirm(adapter.version)
+        finally:
+            checksums.join()
         logger.info("adapter %s live on %s (from %s)", lora_name, ", ".join(self.addresses), path)
         if self.unload_stale_versions:
             self.unload_stale()
