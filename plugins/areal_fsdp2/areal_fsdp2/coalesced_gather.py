@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from areal_fsdp2.shard_layout import shard_rows
+from areal_fsdp2.shard_layout import local_shard
 
 BUCKET_BYTES = 256 * 1024 * 1024
 
@@ -29,8 +29,8 @@ def _local_piece(name: str, param: torch.Tensor, world: int):
         return (full if dist.get_rank() == 0 else full[:0]), counts, tuple(full.shape)
     shape = tuple(param.shape)
     row = math.prod(shape[1:])
-    counts = [rows * row for rows in shard_rows(param, f"cannot gather {name}")]
-    return param.to_local().detach(), counts, shape
+    local, rows, _ = local_shard(param, f"cannot gather {name}")
+    return local.detach(), [count * row for count in rows], shape
 
 
 def _buckets(pieces: list, bucket_bytes: int) -> Iterable[list]:
