@@ -192,13 +192,13 @@ def test_adapter_appears_complete_or_not_at_all(one_rank_engine, tmp_path, monke
     assert len(seen) == 1 and seen[0]["r"] == 4 and exported.path == str(final)
 
     # A writer that dies half-way leaves no directory under the final name.
-    import safetensors.torch
+    from areal_core import safetensors_writer
 
-    def crash_after_writing(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
+    def crash_after_writing(path, tensors, metadata=None):
+        Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_after_writing)
+    monkeypatch.setattr(safetensors_writer, "write_safetensors", crash_after_writing)
     with pytest.raises(AdapterError, match="disk full"):
         one_rank_engine.registry.call(
             "areal_export_adapter", "fsdp2", engine=engine, directory=str(tmp_path / "adapter-v2"), version=2
@@ -293,3 +293,29 @@ def test_a_checkpoint_before_any_step_does_not_touch_the_optimizer(one_rank_engi
     assert all(torch.equal(a[k], b[k]) for k in a)
     first.load_checkpoint(str(tmp_path / "ck0"))
     assert first.step == 0 and not first.optimizer.state
+
+
+def test_on_the_cpu_backward_holds_one_gathered_layer_at_a_time(one_rank_engine):
+    """FSDP2's backward prefetch would gather the next layer while one is in backward; on the
+    CPU that only costs memory (see parallelize.no_backward_prefetch)."""
+    engine = one_rank_engine(lora_rank=4, gradient_checkpointing=True)
+    layers = list(engine.hf_model.model.layers)
+    in_backward, gathered_at_once = [False], []
+
+    def count_gathered(module, args):
+        # Under checkpointing a layer's forward runs again inside its backward. A layer is
+        # gathered, or being gathered, when its FSDP group holds an all-gather's result or its
+        # full parameters (FSDP2 internals: no public API tells).
+        if in_backward[0]:
+            groups = [layer._get_fsdp_state()._fsdp_param_group for layer in layers]
+            gathered_at_once.append(sum(g._all_gather_result is not None or g.is_unsharded for g in groups))
+
+    def loss_then_backward(logprobs, indices):
+        in_backward[0] = True  # the forward is done; what follows is the backward
+        return policy_gradient_loss(logprobs, indices)
+
+    for layer in layers:
+        layer.register_forward_pre_hook(count_gathered)
+    engine.train_step(SEQUENCES, loss_then_backward)
+    assert len(gathered_at_once) == len(layers) and len(layers) > 1
+    assert max(gathered_at_once) == 1, gathered_at_once

@@ -63,6 +63,21 @@ def frozen_outside_layers(
     return {p for p in model.parameters() if id(p) not in in_layers and not p.requires_grad}
 
 
+def no_backward_prefetch(layers: list[torch.nn.Module]) -> None:
+    """Gather each layer in backward only when its own backward starts.
+
+    By default FSDP2 gathers the next layer's weights as a layer's backward starts, so that on an
+    accelerator the all-gather overlaps the compute on a stream of its own. On the CPU there are
+    no streams: the prefetched all-gather runs before the compute anyway, and only holds a second
+    layer's full weights at the peak (34 MB per rank for the 125M shape; the LoRA peak fell
+    from 0.45x to 0.42x of full fine-tuning's). FSDP2 has no switch for it: a layer whose
+    explicit prefetch list holds only itself (already gathered then, so a no-op) replaces the
+    default prefetch.
+    """
+    for layer in layers:
+        layer.set_modules_to_backward_prefetch([layer])
+
+
 def shard_model(
     model: torch.nn.Module, hf_model: torch.nn.Module, actor: ActorConfig, mesh: DeviceMesh
 ) -> None:
@@ -81,6 +96,8 @@ def shard_model(
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=whole or None)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole or None)
     device = mesh.device_type
+    if device == "cpu":
+        no_backward_prefetch(layers)
     with torch.no_grad():
         for param in whole:
             if not param.is_meta and param.device.type != device:
