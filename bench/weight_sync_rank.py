@@ -3,7 +3,8 @@
 Every round: one real training step (untimed, so the adapter changes), then
 (a) this project's path, timed: the ``areal_export_adapter`` hook (gather from the ranks, write
     the PEFT directory) and, on rank 0, the ``areal_load_rollout_adapter`` hook (load it under a
-    new version name, confirmed by the server);
+    new version name, confirmed by the server), then (a') the same for an engine with
+    ``actor.replicate_adapter``;
 (b) the merged path, timed: merge the adapter into the base on every rank's shards, gather the
     full weights to rank 0, write them as safetensors, ``POST /collective_rpc`` reload_weights and
     ``POST /reset_prefix_cache``;
@@ -135,6 +136,11 @@ def main() -> None:
         # (a) this project's path: export the adapter from the shards, load it as a new version.
         name = adapter_path(record, "adapter", engine, 2 * index, trainer)
 
+        # (a') the same with actor.replicate_adapter: nothing to gather. Right after (a), so that
+        # both find the server alike (not just after a 2 GB reload).
+        replicated_trainer = replicated.compute_logprobs([PROBE])[0].tolist()
+        replicated_name = adapter_path(record, "replicated", replicated, 2 * index + 1, replicated_trainer)
+
         # Diagnostic, outside both paths: the plugin's adapter gather alone.
         dist.barrier()
         start = time.perf_counter()
@@ -164,14 +170,10 @@ def main() -> None:
             record["restore_seconds"] = reload_base(str(Path(args.model).absolute())) + reset_prefix_cache()
             shutil.rmtree(merged_dir)
             server.unload_adapter(name)
+            server.unload_adapter(replicated_name)
         del tensors
         dist.barrier()
 
-        # (a') the same with actor.replicate_adapter: nothing to gather.
-        replicated_trainer = replicated.compute_logprobs([PROBE])[0].tolist()
-        replicated_name = adapter_path(record, "replicated", replicated, 2 * index + 1, replicated_trainer)
-        if rank == 0:
-            server.unload_adapter(replicated_name)
         dist.barrier()
         rounds.append(record)
         if rank == 0:
