@@ -264,3 +264,9 @@ class ChecksumCheck:
     def join(self) -> None:
         """Wait for the check without raising (on a path that already failed)."""
         self._thread.join()
+
+    def explain(self, message: str) -> str:
+        """``message`` (a server's refusal), with the mismatch appended if the check found one:
+        a server may refuse files that changed after export before the hash tells why."""
+        self.join()
+        return f"{message}; and {self._error}" if isinstance(self._error, AdapterError) else message

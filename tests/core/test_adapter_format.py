@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -99,8 +100,11 @@ def test_truncated_or_changed_files_are_refused(tmp_path):
     with pytest.raises(AdapterError, match="checksum differs"):
         adapter_format.ChecksumCheck(path).result()
     adapter_format.ChecksumCheck(path).join()  # waits, raises nothing
+    # a server's refusal of such files gets the reason appended
+    assert re.fullmatch(r"refused; and .*checksum differs.*", adapter_format.ChecksumCheck(path).explain("refused"))
     weights.write_bytes(data)
     adapter_format.ChecksumCheck(path).result()
+    assert adapter_format.ChecksumCheck(path).explain("refused") == "refused"
 
 
 def test_config_rank_disagreeing_with_tensors_is_refused(tmp_path):

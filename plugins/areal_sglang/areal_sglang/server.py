@@ -192,10 +192,10 @@ class SGLangRolloutServer:
                         refusal = f"it answered the load but does not list {lora_name} (it lists {sorted(listed)})"
                 if refusal:
                     self._unload_from(lora_name, loaded_on)  # all servers or none
-                    raise AdapterLoadError(
+                    raise AdapterLoadError(checksums.explain(
                         f"SGLang server {client.base_url} refused adapter {lora_name} from {path}: "
-                        f"{refusal}. The versions loaded before keep serving."
-                    )
+                        f"{refusal}. The versions loaded before keep serving"
+                    ))
             try:
                 checksums.result()
             except AdapterError as exc:

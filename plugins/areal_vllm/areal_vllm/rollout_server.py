@@ -262,10 +262,10 @@ class VllmRolloutServer:
                                    {"lora_name": lora_name, "lora_path": str(path)})
                     except ServerRequestError as exc:
                         self._unload_from(lora_name, loaded_on)
-                        raise AdapterLoadError(
+                        raise AdapterLoadError(checksums.explain(
                             f"vLLM server at {client.address} refused to load {lora_name} from {path} "
                             f"(HTTP {exc.status}): {exc.message}"
-                        ) from exc
+                        )) from exc
                     loaded_on.append(client)
                 try:
                     checksums.result()
