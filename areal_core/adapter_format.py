@@ -150,7 +150,8 @@ def write_peft_adapter(
             },
         }
         _write_durably(staging / CONFIG_FILE, config_text)
-        _write_durably(staging / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        manifest_text = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        _write_durably(staging / MANIFEST_FILE, manifest_text)
         os.chmod(staging, 0o755)
         os.rename(staging, final)
         _fsync_dir(final.parent)
