@@ -1,12 +1,13 @@
-"""Micro-batches by token budget, padded inputs for megatron-core, and per-token log-probabilities."""
+"""Checked sequences, padded inputs for megatron-core, and per-token log-probabilities.
+
+The micro-batch plan is the core's (``areal_core.microbatching``).
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-
-from areal_core.microbatching import plan_microbatches
 
 
 def check_sequences(sequences: Sequence[Sequence[int]], vocab_size: int, max_len: int) -> list[list[int]]:
@@ -24,12 +25,6 @@ def check_sequences(sequences: Sequence[Sequence[int]], vocab_size: int, max_len
             raise ValueError(f"sequence {i} holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
         out.append(seq)
     return out
-
-
-def microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Consecutive index groups whose padded size (count x longest) stays within ``max_tokens``
-    (the core's plan, shared with the FSDP2 engine)."""
-    return plan_microbatches(lengths, max_tokens)
 
 
 def model_inputs(sequences: list[list[int]], device: torch.device, pad_id: int = 0):

@@ -27,6 +27,7 @@ from areal_core.config import RunConfig
 from areal_core.errors import AdapterError, ArealError
 from areal_core.host_allocator import return_freed_tensors_to_the_system
 from areal_core.interfaces import ExportedAdapter, LossFn
+from areal_core.microbatching import plan_microbatches
 from areal_megatron import batching, checkpoint, cpu_mode, lora, model_builder, peft_export
 from areal_megatron.distributed import gather_tp_objects, init_parallel, release, resolve_device
 from areal_megatron.models import load_spec, state_dict_adapter
@@ -255,7 +256,7 @@ class MegatronEngine:
         return [s for p in parts for s in p], start, start + len(mine)
 
     def _microbatches(self, union):
-        return batching.microbatches([len(s) for s in union], self.actor.max_tokens_per_microbatch)
+        return plan_microbatches([len(s) for s in union], self.actor.max_tokens_per_microbatch)
 
     def _logits(self, batch):
         ids, positions, mask = batching.model_inputs(batch, self.device)
