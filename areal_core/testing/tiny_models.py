@@ -78,21 +78,10 @@ def model_config(
 
 
 def build_tiny_model(
-    directory: str | Path,
-    *,
-    arch: str = "qwen2",
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int = 128,
-    vocab_size: int = 32,
-    tie_word_embeddings: bool = True,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
-    init_std: float = 0.02,
+    directory: str | Path, *, seed: int = 0, init_std: float = 0.02, **shape
 ) -> Path:
-    """Write a randomly initialised tiny ``arch`` ("qwen2" or "llama") model to ``directory``.
+    """Write a randomly initialised tiny model to ``directory``; ``shape`` takes the keywords of
+    ``model_config`` (``arch``, ``hidden_size``, ``num_layers``, ...).
 
     float32 weights; the tokenizer of ``build_tokenizer`` (its vocabulary fits in 32 ids).
     """
@@ -100,12 +89,7 @@ def build_tiny_model(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model_config(
-        arch=arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
-        init_std=init_std,
-    )
+    config = model_config(init_std=init_std, **shape)
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
