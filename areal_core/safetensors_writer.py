@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Mapping
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-_DTYPES = {
+#: torch dtype name -> safetensors dtype code (the readers of this project use it backwards).
+DTYPE_CODES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
@@ -32,10 +33,10 @@ _DTYPES = {
 
 def _dtype_name(tensor: "torch.Tensor", key: str) -> str:
     name = str(tensor.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
+    if name not in DTYPE_CODES:
         raise ValueError(f"{key}: dtype {tensor.dtype} cannot be written to safetensors here "
-                         f"(supported: {', '.join(sorted(_DTYPES))})")
-    return _DTYPES[name]
+                         f"(supported: {', '.join(sorted(DTYPE_CODES))})")
+    return DTYPE_CODES[name]
 
 
 def _raw_bytes(tensor: "torch.Tensor") -> memoryview:

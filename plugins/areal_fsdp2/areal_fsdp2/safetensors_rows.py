@@ -15,14 +15,12 @@ from pathlib import Path
 
 import torch
 
+from areal_core.safetensors_writer import DTYPE_CODES
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+_DTYPES = {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}
 
 
 class CheckpointTensors:
