@@ -12,6 +12,7 @@ import attrs
 
 ALL_LINEAR = "all-linear"
 DTYPES = ("float32", "bfloat16", "float16")
+AGREEMENT_POLICIES = ("stop", "warn", "off")
 
 
 def _list_of_str(value) -> list[str]:
@@ -103,7 +104,9 @@ class TrainConfig:
     seed: int = 1
     eval_every: int = 10
     eval_size: int = 0  # held-out prompts evaluated (0 = the dataset's whole eval split)
-    agreement_tolerance: float = 1e-4
+    # after each load: are the served weights the trainer's adapter? (areal_core.agreement)
+    # YAML reads a bare `off` as false: that means "off" here
+    agreement: str = attrs.field(default="stop", metadata={"yaml_false": "off"})  # stop | warn | off
     ppo_clip: float = 0.2
     kl_coef: float = 0.0
     keep_adapters: int = 0  # adapter directories kept on disk (0 = all)

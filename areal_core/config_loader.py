@@ -68,6 +68,16 @@ def _convert_scalar(value: Any, tp: Any) -> tuple[bool, Any]:
     return True, value
 
 
+#: Keys that went away, with what replaces them: an old config gets this instead of "unknown key".
+RETIRED_KEYS = {
+    "train.agreement_tolerance": (
+        "is gone: the agreement check no longer compares a max difference with a tolerance; it "
+        "derives its threshold from the dtype and judges the served weights against the base model "
+        "and the previous version (docs/agreement.md)",
+        "delete the key; use train.agreement=stop|warn|off to choose what an alarm does"),
+}
+
+
 def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
     """Build attrs class ``cls`` from ``data``, appending problems to ``errors``."""
     if data is None:
@@ -81,6 +91,10 @@ def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
+        if path in RETIRED_KEYS:
+            problem, fix = RETIRED_KEYS[path]
+            errors.append(ConfigError(path, value, problem, fix))
+            continue
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             fix = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else (
@@ -88,6 +102,8 @@ def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
             errors.append(ConfigError(path, value, "unknown key", fix))
             continue
         tp = hints[key]
+        if value is False and "yaml_false" in fields[key].metadata:  # `key: off` in YAML
+            value = fields[key].metadata["yaml_false"]
         if attrs.has(tp):
             kwargs[key] = build(tp, value, path, errors)
             continue

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from areal_core.config import ALL_LINEAR, DTYPES, RunConfig
+from areal_core.config import AGREEMENT_POLICIES, ALL_LINEAR, DTYPES, RunConfig
 from areal_core.declarations import ENGINE, SERVER
 from areal_core.errors import ConfigError
 from areal_core.registry import Registry
@@ -115,8 +115,9 @@ def check_values(config: RunConfig) -> list[ConfigError]:
            "use e.g. 16 prompts per step")
     _check(errors, t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0",
            "use 0 to evaluate only at the start and the end")
-    _check(errors, t.agreement_tolerance > 0, "train.agreement_tolerance", t.agreement_tolerance,
-           "must be > 0", "use 1e-4 for float32, about 5e-2 for bfloat16")
+    _check(errors, t.agreement in AGREEMENT_POLICIES, "train.agreement", t.agreement,
+           f"must be one of {', '.join(AGREEMENT_POLICIES)}",
+           "use stop (the default: a wrong-weights alarm stops the run), warn or off")
     _check(errors, t.ppo_clip > 0, "train.ppo_clip", t.ppo_clip, "must be > 0", "use 0.2")
     _check(errors, t.kl_coef >= 0, "train.kl_coef", t.kl_coef, "must be >= 0", "use 0 to disable KL")
     _check(errors, t.keep_adapters >= 0, "train.keep_adapters", t.keep_adapters, "must be >= 0",

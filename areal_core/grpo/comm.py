@@ -139,3 +139,14 @@ class Comm:
         tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
         self._dist.all_reduce(tensor)
         return dict(zip(keys, tensor.tolist()))
+
+    def max(self, values: dict[str, float]) -> dict[str, float]:
+        """Element-wise maximum over ranks of a dict with the same keys on every rank."""
+        if self.world_size == 1:
+            return dict(values)
+        import torch
+
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX)
+        return dict(zip(keys, tensor.tolist()))

@@ -6,6 +6,15 @@ against the trainer's, optional KL to the base with the adapter disabled) -> opt
 export -> load as the next version -> agreement check. Every rank runs this function; rank 0 alone
 talks to the servers and broadcasts the batch.
 
+The agreement check (``areal_core.agreement``) runs beside the next batch's generation: the new
+version goes live at once, the trainer scores the probe while the server generates, and rank 0's
+``AgreementMonitor`` asks the server for its scores in a thread. Its verdict is collected before
+the next batch is trained on (or an evaluation or the end of the run), so a batch from wrong
+weights is never trained on. ``train.agreement`` says what an alarm does: ``stop`` loads the same
+adapter again under the next version name and checks once more (a race or a failed load), and on
+a second alarm writes a checkpoint of the last completed step and stops with the command that
+resumes; ``warn`` records it and goes on; ``off`` runs no check.
+
 Faults: rank 0's work with the servers goes through ``Comm.leader_result``, so when it fails every
 rank stops with its message instead of waiting. A call that fails because the rollout server died
 or went away is retried after ``ServerRecovery`` brought the server back with the newest adapter
@@ -20,22 +29,23 @@ import shutil
 import time
 from typing import Callable
 
-from areal_core.agreement import check_agreement, probe_sequence
+from areal_core.agreement import PROBE_TOKENS, AgreementResult, compute_dtype, flatten, probe_sequences
 from areal_core.config import RunConfig
-from areal_core.errors import AdapterError, ArealError, ServerUnreachableError
+from areal_core.errors import AdapterError, AgreementError, ArealError, ServerUnreachableError
+from areal_core.grpo.agreement_monitor import AgreementMonitor
 from areal_core.grpo.batch import shard_for_rank
 from areal_core.grpo.checkpointing import Checkpoints
-from areal_core.grpo.comm import Comm, is_peer_failure
+from areal_core.grpo.comm import Comm, LeaderFailed, is_peer_failure
 from areal_core.grpo.loss import make_grpo_loss
+from areal_core.grpo.mismatch import MismatchMeter, mismatch_metrics
 from areal_core.grpo.publisher import AdapterPublisher
 from areal_core.grpo.rollout_producer import RolloutProducer
 from areal_core.grpo.run_dir import RunDirectory
-from areal_core.grpo.server_recovery import ServerLostError, ServerRecovery
+from areal_core.grpo.server_recovery import ServerLostError, ServerRecovery, copy_adapter_as_version, say_on_stderr
 from areal_core.interfaces import Engine, SamplingParams
 from areal_core.registry import Registry
 
 
-PROBE_TOKENS = 64
 PLOT_EVERY = 5  # steps between redraws of plot.png (also redrawn on evaluation steps and at the end)
 
 
@@ -43,12 +53,18 @@ class ExportFailed(ArealError):
     """The engine could not write an adapter version (disk full, permissions, ...)."""
 
 
+class AgreementStopped(AgreementError):
+    """Twice in a row the server's scores did not match the trainer's adapter; the run stopped."""
+
+
 class GRPOLoop:
     def __init__(self, config: RunConfig, registry: Registry, engine: Engine, comm: Comm,
                  run_dir: RunDirectory, dataset, reward_fn: Callable,
                  publisher: AdapterPublisher | None = None, progress: bool = True,
-                 on_server_restarted: Callable[[], object] | None = None):
-        """``on_server_restarted`` is called on rank 0 after a launched server was started again."""
+                 on_server_restarted: Callable[[], object] | None = None,
+                 resume_command: str = "areal train CONFIG [overrides] resume=true"):
+        """``on_server_restarted`` is called on rank 0 after a launched server was started again;
+        ``resume_command`` is what a stop on an agreement alarm tells the user to run."""
         self.config = config
         self.registry = registry
         self.engine = engine
@@ -60,10 +76,17 @@ class GRPOLoop:
         self.progress = progress and comm.is_leader
         if comm.is_leader and publisher is None:
             raise ValueError("rank 0 needs the rollout publisher")
-        probe_len = min(PROBE_TOKENS, config.rollout.max_model_len - 2)
-        self.probe = probe_sequence(dataset.eval_records(), probe_len)
+        self.resume_command = resume_command
+        self.agreement = config.train.agreement
+        # The server scores a sequence of at most max_model_len tokens (one left for generation).
+        self.probe = probe_sequences(dataset.eval_records(), PROBE_TOKENS, config.rollout.max_model_len - 1)
+        self.monitor: AgreementMonitor | None = None
+        self.agreement_dtype = compute_dtype(config.actor.param_dtype or config.actor.dtype, config.rollout.dtype)
         self.version = -1
         self.position = 0
+        self.rollout_restarts = 0  # producers replaced (after a server loss or a reload)
+        self.unwritten: dict | None = None  # the last step's record, waiting for its version's check
+        self.bar = None  # rank 0's progress bar
         self.producer: RolloutProducer | None = None
         self.checkpoints = Checkpoints(run_dir.checkpoints, comm)
         self.first_eval: float | None = None
@@ -79,10 +102,12 @@ class GRPOLoop:
     # --- the LoRA steps, through the hooks ----------------------------------------------------
 
     def export_and_publish(self, version: int, step: int) -> dict:
-        """Export ``version`` on every rank, load it on the servers (rank 0), check agreement.
+        """Export ``version`` on every rank, load it on the servers (rank 0), start its check.
 
         ``step`` is the step whose update this is. The version live afterwards may be newer than
         ``version`` when the server had to be recovered meanwhile; ``self.version`` says which.
+        The check's verdict is collected later (``resolve_agreement``), before any batch from
+        this version is trained on.
         """
         actor = self.config.actor
         start = time.perf_counter()
@@ -99,23 +124,26 @@ class GRPOLoop:
                 f"space under {self.run_dir.adapters}) and continue with resume=true"
             ) from exc
         export_seconds = time.perf_counter() - start
-        # The trainer's side of the agreement check first: a collective, before rank 0's server work.
-        start = time.perf_counter()
-        trainer = self.engine.compute_logprobs([self.probe])[0].tolist()
-        trainer_seconds = time.perf_counter() - start
-        published = self.comm.leader_result(lambda: self._publish_on_leader(adapter, trainer, step))
+        published = self.comm.leader_result(lambda: self._publish_on_leader(adapter, step))
         self.version = published["version"]
         self._prune_adapters()
-        return {
+        record = {
             "export_seconds": export_seconds,
             "load_seconds": published["load_seconds"],
             "sync_seconds": export_seconds + published["load_seconds"],
-            "agreement_seconds": trainer_seconds + published["agreement_seconds"],
-            "agreement_max_abs": published["agreement_max_abs"],
             "adapter_bytes": adapter.num_bytes,
         }
+        if self.agreement != "off":
+            # The trainer's side of the check: a collective forward, while the server generates.
+            start = time.perf_counter()
+            trainer = flatten(t.tolist() for t in self.engine.compute_logprobs(self.probe))
+            record["agreement_trainer_seconds"] = time.perf_counter() - start
+            if self.comm.is_leader:
+                self.monitor.new_trainer_scores(trainer)
+                self.monitor.start(self.version)
+        return record
 
-    def _publish_on_leader(self, adapter, trainer: list[float], step: int) -> dict:
+    def _publish_on_leader(self, adapter, step: int) -> dict:
         start = time.perf_counter()
         try:
             self.publisher.publish(adapter)
@@ -128,17 +156,98 @@ class GRPOLoop:
                                        f"the server ({live}): {exc}") from exc
                 raise
             # The load is what the recovery does: the new adapter under the next version's name.
-            self._recover(exc, adapter.version, next_step=step + 1)
+            self._recover(exc, adapter.version, next_step=step + 1, check=False)
         load_seconds = time.perf_counter() - start
         self.run_dir.append_events(self.publisher.drain_log())
-        start = time.perf_counter()
-        server = self._on_server(lambda: self.publisher.prompt_logprobs(self.probe, self.version), step + 1)
-        difference = check_agreement(server, trainer, self.config.train.agreement_tolerance,
-                                     f"adapter version {self.version}")
         if self.producer is not None:
             self.producer.version_live(self.version, step)
-        return {"version": self.version, "load_seconds": load_seconds, "agreement_max_abs": difference,
-                "agreement_seconds": time.perf_counter() - start}
+        return {"version": self.version, "load_seconds": load_seconds}
+
+    # --- the agreement verdict (rank 0) -------------------------------------------------------
+
+    def resolve_agreement(self, next_step: int) -> dict:
+        """Every rank: collect the pending check's verdict; ``{"metrics": ...}`` for the record,
+        or ``{"stop": message, ...}`` when the run must stop (see ``stop_on_agreement``)."""
+        if self.agreement == "off":
+            return {"metrics": {}}
+        return self.comm.leader_result(lambda: self._resolve_on_leader(next_step))
+
+    def stop_on_agreement(self, outcome: dict, completed_step: int) -> None:
+        """Every rank: after a second alarm, checkpoint ``completed_step`` and stop the run."""
+        self.checkpoints.save(self.engine, completed_step, outcome["checkpoint_version"], self.position)
+        if self.comm.is_leader:
+            raise AgreementStopped(outcome["stop"])
+        raise LeaderFailed(f"rank 0 stopped the run: {outcome['stop']}")
+
+    def _wait_for_verdict(self, next_step: int) -> tuple[AgreementResult, float] | None:
+        while True:
+            try:
+                return self.monitor.wait()
+            except Exception as exc:
+                if not self._server_lost(exc):
+                    raise
+                self._recover(exc, self.version, next_step)  # starts a check of the new version
+
+    def _resolve_on_leader(self, next_step: int) -> dict:
+        """Every pending check's verdict; under ``stop``, a first alarm reloads and checks again."""
+        if self.monitor is None:
+            return {"metrics": {}}
+        started = time.perf_counter()
+        metrics: dict = {}
+        attempt = 0
+        while (verdict := self._wait_for_verdict(next_step)) is not None:
+            result, server_seconds = verdict
+            self.publisher.record("agreement", self.publisher.versions.name(result.version),
+                                  **result.event())
+            metrics = {**result.metrics(), "agreement_version": result.version,
+                       "agreement_alarm": result.alarm, "agreement_server_seconds": server_seconds}
+            if not result.alarm:
+                attempt = 0
+                continue
+            attempt += 1
+            self._record_alarm(result, attempt)
+            if self.agreement == "warn":
+                continue
+            if attempt == 2:
+                return {"stop": self._stop_message(result), "checkpoint_version": result.version,
+                        "metrics": metrics}
+            self._reload(result.version, next_step)  # starts the check of the reloaded copy
+        self.run_dir.append_events(self.publisher.drain_log())
+        if metrics:
+            metrics["agreement_wait_seconds"] = time.perf_counter() - started
+        return {"metrics": metrics}
+
+    def _record_alarm(self, result: AgreementResult, attempt: int) -> None:
+        action = {"warn": "going on (train.agreement=warn)",
+                  "stop": "loading the same adapter again under the next version name" if attempt == 1
+                  else "writing a checkpoint and stopping"}[self.agreement]
+        self.publisher.record("agreement_alarm", self.publisher.versions.name(result.version),
+                              attempt=attempt, policy=self.agreement, **result.event())
+        self.run_dir.append_events(self.publisher.drain_log())
+        say_on_stderr(f"areal train: agreement alarm: {result.describe()}; {action}")
+
+    def _reload(self, version: int, next_step: int) -> None:
+        """Load ``version``'s adapter again under the next version name; its rollouts start over."""
+        if self.producer is not None:
+            self.producer.stop(timeout=self.config.rollout.request_timeout + 30.0)
+        new_version = self._next_version()
+        adapter = copy_adapter_as_version(self.run_dir.adapter_dir(version),
+                                          self.run_dir.adapter_dir(new_version), new_version)
+        self._on_server(lambda: self.publisher.publish(adapter), next_step)
+        self.version = new_version
+        self.publisher.record("agreement_reload", self.publisher.versions.name(new_version),
+                              version=new_version, source_version=version)
+        self.run_dir.append_events(self.publisher.drain_log())
+        self.monitor.start(new_version)
+        if self.producer is not None:
+            self._restart_rollouts(next_step)
+
+    def _stop_message(self, result: AgreementResult) -> str:
+        return (f"{result.describe()}, again after loading the same adapter under a new name: the "
+                f"server is not serving the trainer's weights (the base model, another version, a "
+                f"wrong scale or missing modules). Stopped before training on any of its rollouts; "
+                f"a checkpoint of the last completed step is written. Fix the server (or set "
+                f"train.agreement=warn to go on regardless) and resume with: {self.resume_command}")
 
     # --- a rollout server that died or went away (rank 0) ---------------------------------------
 
@@ -162,18 +271,25 @@ class GRPOLoop:
         latest = self.publisher.versions.latest
         return max([self.version, -1 if latest is None else latest, *on_disk]) + 1
 
-    def _recover(self, error: BaseException, source_version: int, next_step: int) -> None:
+    def _recover(self, error: BaseException, source_version: int, next_step: int, check: bool = True) -> None:
         """Bring the server back with ``source_version``'s adapter live under a new version; the
-        rollouts then start over at ``next_step`` (the batches made before are dropped whole)."""
+        rollouts then start over at ``next_step`` (the batches made before are dropped whole).
+        With ``check``, the new version's agreement check is started (it is the same adapter)."""
         producer = self.producer
         if producer is not None:
             producer.stop(timeout=self.config.rollout.request_timeout + 30.0)
         self.version = self.recovery.recover(error, source_version, self._next_version())
         self.run_dir.append_events(self.publisher.drain_log())
+        if check and self.monitor is not None and self.monitor.trainer is not None:
+            self.monitor.start(self.version)
         if producer is not None:
-            self.producer = self._new_producer(next_step, self.position)
-            self.producer.version_live(self.version, next_step - 1)
-            self.producer.start()
+            self._restart_rollouts(next_step)
+
+    def _restart_rollouts(self, next_step: int) -> None:
+        self.rollout_restarts += 1
+        self.producer = self._new_producer(next_step, self.position)
+        self.producer.version_live(self.version, next_step - 1)
+        self.producer.start()
 
     def _prune_adapters(self) -> None:
         keep = self.config.train.keep_adapters
@@ -209,18 +325,37 @@ class GRPOLoop:
         reference = None
         if t.kl_coef > 0:
             reference = self.engine.compute_logprobs(sequences, disable_adapter=True)
+        meter = MismatchMeter()
         loss_fn = make_grpo_loss(mine, total_tokens=max(total_tokens, 1), clip=t.ppo_clip,
-                                 kl_coef=t.kl_coef, reference_logprobs=reference)
+                                 kl_coef=t.kl_coef, reference_logprobs=reference,
+                                 mismatch=meter, mismatch_version=self.version)
         result = self.engine.train_step(sequences, loss_fn)
-        summed = self.comm.sum({k: result.get(k, 0.0) for k in ("loss", "clip_fraction", "kl")})
-        summed["grad_norm"] = result.get("grad_norm")
-        return summed
+        local = {k: result.get(k, 0.0) for k in ("loss", "clip_fraction", "kl")}
+        summed = self.comm.sum({**local, **meter.sums()})
+        largest = self.comm.max({"mismatch_max_abs": meter.max_abs})["mismatch_max_abs"]
+        metrics = {k: summed[k] for k in local}
+        metrics.update(mismatch_metrics(summed, largest))
+        metrics["grad_norm"] = result.get("grad_norm")
+        return metrics
 
     def _next_payload(self, step: int) -> dict:
-        """Rank 0: the batch of ``step``, generated again in full after a server loss."""
+        """Rank 0: the batch of ``step``, once every version that could have made it passed its
+        agreement check; generated again in full after a server loss or a reload."""
         timer = time.perf_counter()
-        payload = self._on_server(lambda: self.producer.next_batch(), step)  # a recovery replaces it
-        return {**payload, "live_version": self.version, "rollout_wait_seconds": time.perf_counter() - timer}
+        agreement: dict = {}
+        payload, made_by = None, None
+        while True:
+            outcome = self._resolve_on_leader(step)
+            if "stop" in outcome:
+                return {"agreement_stop": outcome, "agreement": outcome["metrics"]}
+            agreement = outcome["metrics"] or agreement
+            if payload is None or made_by != self.rollout_restarts:  # none yet, or from a dropped producer
+                payload = self._on_server(lambda: self.producer.next_batch(), step)  # a recovery replaces it
+                made_by = self.rollout_restarts
+            if self.monitor is None or self.monitor.pending_version is None:
+                break  # a version loaded while the batch was made (a recovery) is checked first
+        return {**payload, "live_version": self.version, "agreement": agreement,
+                "rollout_wait_seconds": time.perf_counter() - timer}
 
     def _eval_due(self, step: int) -> bool:
         eval_every = self.config.train.eval_every
@@ -231,9 +366,15 @@ class GRPOLoop:
         self.last_eval = self._on_server(self.evaluate, step + 1)
         return {"eval_accuracy": self.last_eval, "eval_seconds": time.perf_counter() - timer}
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int) -> None:
+        """One step; its metrics record is written once the check of the version it made is in:
+        at once on evaluation and checkpoint steps (which wait for it), else at the start of the
+        next step (the check runs while the next batch is generated)."""
         started = time.time()
         payload = self.comm.leader_result(lambda: self._next_payload(step))
+        self._write_record({**self.unwritten, **payload["agreement"]} if self.unwritten else None)
+        if "agreement_stop" in payload:
+            self.stop_on_agreement(payload["agreement_stop"], completed_step=step - 1)
         assert payload["step"] == step, f"batch of step {payload['step']} arrived at step {step}"
         self.version = payload["live_version"]  # newer than this rank knew after a server recovery
         self.position = payload["position"]
@@ -266,18 +407,52 @@ class GRPOLoop:
             **train_metrics,
             **sync,
         }
-        if self._eval_due(step):  # every rank knows: no broadcast on the other steps
-            record.update(self.comm.leader_result(lambda: self._evaluate(step)))
         if self.recovery is not None:
             record["server_recoveries"] = self.recovery.recoveries
+        # every rank knows which steps these are: no broadcast on the other steps
+        if not (self._eval_due(step) or self._checkpoint_due(step)):
+            record["step_seconds"] = time.time() - started
+            record["finished_at"] = time.time()
+            self.unwritten = record
+            return
+        # An evaluation, a checkpoint and the end of the run need the verdict of this version.
+        outcome = self.resolve_agreement(step + 1)
+        record.update(outcome["metrics"])
+        if "stop" not in outcome and self._eval_due(step):
+            record.update(self.comm.leader_result(lambda: self._evaluate(step)))
         record["step_seconds"] = time.time() - started
         record["finished_at"] = time.time()
-        return record
+        self._write_record(record)
+        if "stop" in outcome:
+            self.stop_on_agreement(outcome, completed_step=step)
+
+    def _write_record(self, record: dict | None) -> None:
+        """Rank 0: metrics.jsonl, events.jsonl, the plot and the progress bar."""
+        self.unwritten = None
+        if record is None or not self.comm.is_leader:
+            return
+        # Before the checkpoint: a resume drops the records of steps after its checkpoint.
+        self.run_dir.append_metrics(record)
+        self.run_dir.append_events(self.publisher.drain_log())
+        step = record["step"]
+        if "eval_accuracy" in record or step % PLOT_EVERY == 0 or step == self.config.train.steps:
+            self.run_dir.plot()  # a redraw costs ~0.07 s: not on every step
+        if self.bar is not None:
+            self.bar.set_postfix(self._progress(record))
+            self.bar.update(1)
 
     def _first_version_after_resume(self, checkpoint_version: int) -> int:
         """Versions never go back, also past versions published after the checkpoint."""
         on_disk = [int(p.name[1:]) for p in self.run_dir.adapters.glob("v*") if p.name[1:].isdigit()]
         return max([checkpoint_version, *on_disk]) + 1
+
+    def _start_agreement(self) -> None:
+        """The base model's probe scores (collective, once: the base never changes)."""
+        if self.agreement == "off":
+            return
+        base = flatten(t.tolist() for t in self.engine.compute_logprobs(self.probe, disable_adapter=True))
+        if self.comm.is_leader:
+            self.monitor = AgreementMonitor(self.publisher, self.probe, base, self.agreement_dtype)
 
     def _start(self) -> int:
         """Publish the first version (v0, or the restored adapter); return the first step to run."""
@@ -291,14 +466,17 @@ class GRPOLoop:
                     self._first_version_after_resume(state["version"]) if self.comm.is_leader else None)
                 if self.comm.is_leader:
                     self.run_dir.truncate_metrics(after_step=state["step"])
+        self._start_agreement()
         sync = self.export_and_publish(version, first_step - 1)
+        outcome = self.resolve_agreement(first_step)
+        if "stop" in outcome:
+            self.stop_on_agreement(outcome, completed_step=first_step - 1)
         self.first_eval = self.last_eval = self.comm.leader_result(
             lambda: self._on_server(self.evaluate, first_step))
         if self.comm.is_leader:
             if first_step == 1:
                 self.run_dir.append_metrics({"step": 0, "version": self.version, "eval_accuracy": self.first_eval,
-                                             "agreement_max_abs": sync["agreement_max_abs"],
-                                             "sync_seconds": sync["sync_seconds"]})
+                                             "sync_seconds": sync["sync_seconds"], **outcome["metrics"]})
             else:
                 evals = [r["eval_accuracy"] for r in self.run_dir.read_metrics() if "eval_accuracy" in r]
                 self.first_eval = evals[0] if evals else self.first_eval
@@ -316,6 +494,15 @@ class GRPOLoop:
         every = self.config.train.checkpoint_every
         return step == self.config.train.steps or bool(every and step % every == 0)
 
+    def _progress(self, record: dict) -> dict:
+        postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
+                   "step_s": f"{record['step_seconds']:.1f}"}
+        if record.get("mismatch_kl") is not None:
+            postfix["mis_kl"] = f"{record['mismatch_kl']:.1e}"
+        if "eval_accuracy" in record:
+            postfix["eval"] = f"{record['eval_accuracy']:.3f}"
+        return postfix
+
     def run(self) -> dict:
         steps = self.config.train.steps
         first_step = self._start()
@@ -323,39 +510,28 @@ class GRPOLoop:
             self.producer = self._new_producer(first_step, self.position)
             self.producer.version_live(self.version, first_step - 1)
             self.producer.start()
-        bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=steps, initial=first_step - 1, desc="GRPO", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=first_step - 1, desc="GRPO", unit="step", dynamic_ncols=True)
         try:
             if self.comm.is_leader:
                 # While the first batch is generated; it also pays the one-off import of
                 # matplotlib (~0.6 s) here rather than in a step.
                 self.run_dir.plot()
             for step in range(first_step, steps + 1):
-                record = self.step(step)
-                if self.comm.is_leader:
-                    # Before the checkpoint: a resume drops the records of steps after its checkpoint.
-                    self.run_dir.append_metrics(record)
-                    self.run_dir.append_events(self.publisher.drain_log())
-                    if "eval_accuracy" in record or step % PLOT_EVERY == 0 or step == steps:
-                        self.run_dir.plot()  # a redraw costs ~0.07 s: not on every step
+                self.step(step)
                 if self._checkpoint_due(step):
                     self.checkpoints.save(self.engine, step, self.version, self.position)
-                if self.comm.is_leader:
-                    if bar is not None:
-                        postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
-                                   "step_s": f"{record['step_seconds']:.1f}"}
-                        if "eval_accuracy" in record:
-                            postfix["eval"] = f"{record['eval_accuracy']:.3f}"
-                        bar.set_postfix(postfix)
-                        bar.update(1)
         finally:
             if self.producer is not None:
                 self.producer.stop()
+            if self.monitor is not None:
+                self.monitor.close()
             if self.comm.is_leader:
+                if self.unwritten is not None:  # the run failed before its version's check came
+                    self.run_dir.append_metrics(self.unwritten)
                 self.run_dir.append_events(self.publisher.drain_log())
-            if bar is not None:
-                bar.close()
+            if self.bar is not None:
+                self.bar.close()
         return {"first_eval": self.first_eval, "last_eval": self.last_eval, "version": self.version}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from areal_core.grpo.batch import TrainItem
+from areal_core.grpo.mismatch import MismatchMeter
 
 
 def make_grpo_loss(
@@ -19,12 +20,15 @@ def make_grpo_loss(
     clip: float,
     kl_coef: float = 0.0,
     reference_logprobs: Sequence | None = None,
+    mismatch: "MismatchMeter | None" = None,
+    mismatch_version: int | None = None,
 ):
     """A ``LossFn`` over ``items`` (this rank's share, in the order given to train_step).
 
     ``reference_logprobs[i]`` (base-model log-probabilities of item i's whole sequence, from
     ``compute_logprobs(..., disable_adapter=True)``) is needed when ``kl_coef > 0``; the KL term is
-    the k3 estimator ``exp(ref - new) - (ref - new) - 1`` per token.
+    the k3 estimator ``exp(ref - new) - (ref - new) - 1`` per token. ``mismatch`` (a
+    ``MismatchMeter``) is fed the completion tokens of the items ``mismatch_version`` produced.
     """
     import torch
 
@@ -38,6 +42,8 @@ def make_grpo_loss(
             item = items[index]
             new = lp[item.prompt_len - 1:]
             old = torch.tensor(item.behaviour_logprobs, dtype=new.dtype, device=new.device)
+            if mismatch is not None and item.version == mismatch_version:
+                mismatch.add(new, old)
             ratio = torch.exp(new - old)
             advantage = item.advantage
             unclipped = ratio * advantage

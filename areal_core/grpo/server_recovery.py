@@ -74,7 +74,7 @@ class ServerRecovery:
         self.adapter_dir = adapter_dir
         self.on_started = on_started
         self.on_event = on_event or (lambda: None)
-        self.say = say or _say
+        self.say = say or say_on_stderr
         self.recoveries = 0
 
     @property
@@ -160,7 +160,7 @@ class ServerRecovery:
             delay *= 2
 
 
-def _say(line: str) -> None:
+def say_on_stderr(line: str) -> None:
     """A line on stderr that does not run into a progress bar drawn there."""
     try:
         from tqdm import tqdm

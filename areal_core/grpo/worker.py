@@ -127,7 +127,8 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
 
         comm.leader_result(start_servers)  # every rank waits until the servers are up
         loop = GRPOLoop(config, registry, engine, comm, run_dir, dataset, reward_fn, publisher,
-                        on_server_restarted=record_launched_servers)
+                        on_server_restarted=record_launched_servers,
+                        resume_command=resume_command(config_path, overrides))
         summary = loop.run()
     finally:
         _ignore_termination_signals()  # a second Ctrl-C or SIGTERM must not cut the clean-up short
@@ -139,6 +140,14 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
         if summary["first_eval"] is not None:
             print(f"eval_accuracy: {summary['first_eval']:.3f} -> {summary['last_eval']:.3f}", flush=True)
     return summary
+
+
+def resume_command(config_path: str, overrides: list[str]) -> str:
+    """The ``areal train`` command that continues this run from its last checkpoint."""
+    import shlex
+
+    kept = [o for o in overrides if not o.startswith("resume=")]
+    return shlex.join(["areal", "train", config_path, *kept, "resume=true"])
 
 
 def _die_with_launcher() -> None:

@@ -7,9 +7,11 @@
 It builds a tiny model offline, then drives the installed plugins through the hooks, in one
 process (world size 1): inject -> shard -> one training step -> export -> load -> agreement
 check, plus a generation that must name the loaded version. It fails (``ConformanceError``) when a
-step raises, when the adapter has no visible effect (so a server silently serving the base model
-would pass unnoticed), or when the server's log-probabilities differ from the trainer's beyond
-the tolerance. Third-party plugin authors call it from their own tests.
+step raises, when the adapter's effect is too small for the check to tell it from the base model
+(so a server silently serving the base model would pass unnoticed), or when the agreement check
+(``areal_core.agreement``: the served scores judged against the trainer's adapter and its base,
+with the threshold of the dtype) raises an alarm. Third-party plugin authors call it from their
+own tests.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from typing import Sequence
 
 import attrs
 
-from areal_core.errors import ArealError
+from areal_core.agreement import GAP_THRESHOLD
+from areal_core.errors import AgreementError, ArealError
+
+#: Tokens per probe sequence (a server's max_model_len must hold one).
+PROBE_SEQUENCE = 129
 
 
 class ConformanceError(ArealError):
@@ -29,13 +35,39 @@ class ConformanceError(ArealError):
 
 @attrs.frozen
 class ConformanceReport:
+    """What one conformance run measured.
+
+    ``agreement`` is the check's ``AgreementResult`` (gap, threshold, adapter effect, ...);
+    ``agreement_gap`` and ``agreement_threshold`` its mean absolute served-vs-trainer difference
+    and the threshold it was held to; ``agreement_max_abs`` the largest single-token difference
+    (for reference); ``adapter_effect`` the mean absolute difference the adapter makes against the
+    base model (``adapter_effect_max_abs`` its largest).
+    """
+
     engine: str
     server: str
+    agreement: object
     agreement_max_abs: float
     adapter_effect_max_abs: float
     seconds: dict
     adapter_path: str
     generated_version: int
+
+    @property
+    def agreement_gap(self) -> float:
+        return self.agreement.gap
+
+    @property
+    def agreement_threshold(self) -> float:
+        return self.agreement.threshold
+
+    @property
+    def adapter_effect(self) -> float:
+        return self.agreement.adapter_effect
+
+#: The adapter's effect must be this many times the check's threshold, or the check could not
+#: tell a server serving the base model from one serving the adapter.
+MIN_EFFECT_OVER_THRESHOLD = 10.0
 
 
 def _step(name: str, seconds: dict):
@@ -62,16 +94,27 @@ def run_conformance(
     lora_rank: int = 8,
     lora_alpha: float = 16,
     target_modules: Sequence[str] = ("all-linear",),
-    tolerance: float = 1e-4,
-    probe_tokens: int = 96,
+    threshold: float | None = None,
+    probe_tokens: int = 256,
     learning_rate: float = 0.05,
     overrides: Sequence[str] = (),
     model_dir: str | Path | None = None,
+    **retired,
 ) -> ConformanceReport:
-    """Run inject -> shard -> train step -> export -> load -> agreement for one pair."""
+    """Run inject -> shard -> train step -> export -> load -> agreement for one pair.
+
+    ``threshold`` overrides the agreement check's gap threshold (None: the dtype's, from
+    ``areal_core.agreement.GAP_THRESHOLD``); ``probe_tokens`` is at least
+    ``areal_core.agreement.MIN_DECISION_TOKENS``.
+    """
+    if "tolerance" in retired:
+        raise TypeError("run_conformance(tolerance=...) is gone: the agreement check derives its "
+                        "threshold from the dtype; pass threshold=... to override it")
+    if retired:
+        raise TypeError(f"run_conformance() got unexpected keyword arguments {sorted(retired)}")
     import torch
 
-    from areal_core.agreement import max_abs_difference
+    from areal_core.agreement import check_server, compute_dtype, flatten, max_abs_difference
     from areal_core.adapter_format import verify_adapter_dir
     from areal_core.config_loader import load_config_or_raise
     from areal_core.interfaces import SamplingParams
@@ -93,8 +136,8 @@ def run_conformance(
         "actor.world_size=1", f"actor.lora_rank={lora_rank}", f"actor.lora_alpha={lora_alpha}",
         f"actor.target_modules=[{modules}]", f"actor.optimizer.lr={learning_rate}",
         "actor.optimizer.grad_clip=0", f"rollout.servers=[{','.join(servers)}]",
-        f"rollout.max_model_len={probe_tokens + 32}", "gconfig.lora_name=conformance",
-        f"output_dir={workdir / 'run'}", f"train.agreement_tolerance={tolerance}", *overrides,
+        f"rollout.max_model_len={PROBE_SEQUENCE + 32}", "gconfig.lora_name=conformance",
+        f"output_dir={workdir / 'run'}", *overrides,
     ])
     registry = default_registry()
     errors = validate(config, registry)
@@ -103,7 +146,12 @@ def run_conformance(
 
     generator = torch.Generator().manual_seed(0)
     vocab = 32
-    probe = [1] + torch.randint(4, vocab - 8, (probe_tokens - 1,), generator=generator).tolist()
+    # Sequences of PROBE_SEQUENCE tokens (a server's max_model_len may be short) scoring probe_tokens.
+    probe, left = [], probe_tokens
+    while left > 0:
+        length = min(left, PROBE_SEQUENCE - 1) + 1
+        probe.append([1] + torch.randint(4, vocab - 8, (length - 1,), generator=generator).tolist())
+        left -= length - 1
     batch = [[1] + torch.randint(4, vocab - 8, (24,), generator=generator).tolist() for _ in range(4)]
 
     engine = registry.build_engine(engine_name, config)
@@ -126,13 +174,16 @@ def run_conformance(
                                     directory=str(workdir / "adapter-v1"), version=1)
             verify_adapter_dir(adapter.path)
         with _step("trainer_logprobs", seconds):
-            trainer = engine.compute_logprobs([probe])[0].tolist()
-            base = engine.compute_logprobs([probe], disable_adapter=True)[0].tolist()
-        effect = max_abs_difference(trainer, base)
-        if effect <= 10 * tolerance:
+            trainer = flatten(engine.compute_logprobs(probe))
+            base = flatten(engine.compute_logprobs(probe, disable_adapter=True))
+        dtype = compute_dtype(config.actor.param_dtype or config.actor.dtype, config.rollout.dtype)
+        limit = GAP_THRESHOLD[dtype] if threshold is None else threshold
+        effect = sum(abs(a - b) for a, b in zip(trainer, base)) / len(trainer)
+        if effect <= MIN_EFFECT_OVER_THRESHOLD * limit:
             raise ConformanceError(
-                f"the trained adapter moves log-probabilities by only {effect:.3g}; the check could not "
-                f"tell the adapter from the base model (raise the learning rate or check the training step)"
+                f"the trained adapter moves log-probabilities by only {effect:.3g} on average; the check "
+                f"(threshold {limit:g} for {dtype}) could not tell the adapter from the base model (raise "
+                f"the learning rate or check the training step)"
             )
         with _step("start_server", seconds):
             server = registry.build_rollout_server(server_name, config)
@@ -147,19 +198,18 @@ def run_conformance(
             if name not in server.loaded_adapters():
                 raise ConformanceError(f"the server does not list {name} after loading it")
         with _step("agreement", seconds):
-            served = server.prompt_logprobs(probe, lora_name=name)
-            difference = max_abs_difference(served, trainer)
-        if not difference <= tolerance:
-            raise ConformanceError(
-                f"server {server_name} and engine {engine_name} disagree: max |logprob difference| "
-                f"{difference:.3g} > {tolerance:g} (the adapter moves them by {effect:.3g})"
-            )
+            try:
+                agreement = check_server(server, probe, trainer, base, lora_name=name, dtype=dtype,
+                                         version=1, threshold=threshold)
+            except AgreementError as exc:
+                raise ConformanceError(f"server {server_name} and engine {engine_name} disagree: {exc}") from exc
         with _step("generate", seconds):
             groups = server.generate([batch[0][:5]], lora_name=name, version=1, n=2,
                                      sampling=SamplingParams(max_new_tokens=4, temperature=1.0))
         if not all(sample.version == 1 for sample in groups[0]) or len(groups[0]) != 2:
             raise ConformanceError("generation did not return 2 samples tagged with version 1")
-        return ConformanceReport(engine_name, server_name, difference, effect, seconds, adapter.path, 1)
+        return ConformanceReport(engine_name, server_name, agreement, agreement.gap_max_abs,
+                                 max_abs_difference(trainer, base), seconds, adapter.path, 1)
     finally:
         if server is not None:
             server.stop()

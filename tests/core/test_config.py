@@ -98,7 +98,7 @@ BAD_VALUES = [
     ("gconfig.lora_name=a/b", "gconfig.lora_name", "letters"),
     ("train.steps=0", "train.steps", ">= 1"),
     ("train.batch_size=0", "train.batch_size", ">= 1"),
-    ("train.agreement_tolerance=0", "train.agreement_tolerance", "> 0"),
+    ("train.agreement=sometimes", "train.agreement", "one of stop, warn, off"),
     ("train.ppo_clip=0", "train.ppo_clip", "> 0"),
     ("train.kl_coef=-0.1", "train.kl_coef", ">= 0"),
 ]
@@ -147,3 +147,20 @@ def test_dataset_and_reward_names_must_resolve():
     assert "cannot import module 'no_such_module'" in found["reward.name"].problem
     config, _ = load_config(None, [])
     assert check_tasks(config) == []
+
+
+def test_an_old_config_setting_agreement_tolerance_is_told_what_replaced_it(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  agreement_tolerance: 1.0e-4\n")
+    _, errors = load_config(path)
+    assert [e.key for e in errors] == ["train.agreement_tolerance"]
+    assert "derives its threshold from the dtype" in errors[0].problem
+    assert "train.agreement=stop|warn|off" in errors[0].fix
+
+
+@pytest.mark.parametrize("written,meant", [("off", "off"), ("warn", "warn"), ("stop", "stop")])
+def test_agreement_policy_reads_as_written_in_yaml(tmp_path, written, meant):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  agreement: {written}\n")  # YAML reads a bare off as false
+    config, errors = load_config(path)
+    assert not errors and config.train.agreement == meant

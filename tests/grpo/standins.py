@@ -76,7 +76,9 @@ class StandInEngine:
 class StandInServer:
     name = "standin-server"
 
-    def __init__(self, corrupt_from_version=None, generate_delay=0.0):
+    def __init__(self, corrupt_from_version=None, generate_delay=0.0, corrupt_versions=None):
+        """``corrupt_from_version``: from that version on, every load silently serves the base
+        model; ``corrupt_versions``: only the loads of these versions do."""
         self.generate_delay = generate_delay
         self.adapters = {}
         self.seen_names = []
@@ -84,6 +86,7 @@ class StandInServer:
         self.unloaded = []
         self.started = self.stopped = False
         self.corrupt_from_version = corrupt_from_version
+        self.corrupt_versions = set(corrupt_versions or ())
         self.lock = threading.Lock()
         self.generator = torch.Generator().manual_seed(0)
 
@@ -95,7 +98,8 @@ class StandInServer:
         self.seen_names.append(lora_name)
         tensors = load_file(f"{adapter.path}/adapter_model.safetensors")
         theta = (tensors[peft_key(MODULE, "B")] @ tensors[peft_key(MODULE, "A")])[:, 0]
-        if self.corrupt_from_version is not None and adapter.version >= self.corrupt_from_version:
+        if (self.corrupt_from_version is not None and adapter.version >= self.corrupt_from_version) or (
+                adapter.version in self.corrupt_versions):
             theta = torch.zeros_like(theta)  # a server silently serving the base model
         self.adapters[lora_name] = theta
 
@@ -183,7 +187,7 @@ class CountingDataset:
         return [{"prompt_ids": [1, 2, position % 3], "index": position + i} for i in range(size)]
 
     def eval_records(self, limit=0):
-        return [{"prompt_ids": [1, 2, i % 3]} for i in range(limit or 40)]
+        return [{"prompt_ids": [1, 2, i % 3]} for i in range(limit or 100)]  # the probe takes 256 tokens
 
 
 def first_token_is_five(record, completion_ids):

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from areal_core.config_loader import load_config_or_raise
-from areal_core.errors import AgreementError
 from areal_core.grpo.comm import Comm
-from areal_core.grpo.loop import GRPOLoop
+from areal_core.grpo.loop import AgreementStopped, GRPOLoop
 from areal_core.grpo.publisher import AdapterPublisher
 from areal_core.grpo.run_dir import RunDirectory
 from areal_core.registry import Registry
@@ -21,7 +20,6 @@ def make_loop(tmp_path, server=None, engine=None, **overrides):
         "actor.backend=standin", "rollout.backend=standin-server", "gconfig.max_new_tokens=3",
         "gconfig.n_samples=8", "train.batch_size=4", "train.steps=12", "train.eval_every=4",
         "rollout.max_head_offpolicyness=0", f"output_dir={tmp_path / 'run'}", "rollout.max_model_len=40",
-        "train.agreement_tolerance=1e-5",
         *[f"{k}={v}" for k, v in overrides.items()]])
     engine, server = engine or StandInEngine(), server or StandInServer()
     registry = Registry(entry_points=[], extra_plugins=[("standin", StandInPlugin(engine, server))])
@@ -49,9 +47,17 @@ def test_versions_rollouts_and_run_directory(tmp_path):
     # synchronous: only the live version stays loaded, older ones were unloaded in order
     assert server.unloaded == [f"lora-v{v}" for v in range(12)]
     assert server.loaded_adapters() == ["lora-v12"]
-    for key in ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "sync_seconds", "agreement_max_abs"):
+    for key in ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "sync_seconds", "mismatch_kl",
+                "mismatch_mean_abs", "mismatch_max_abs", "mismatch_ratio_outside", "mismatch_tokens"):
         assert all(key in r for r in steps), key
-    assert all(r["agreement_max_abs"] <= 1e-5 for r in steps)
+    # every version's check lands in exactly one record, naming the version
+    checked = [r["agreement_version"] for r in records if "agreement_version" in r]
+    assert checked == list(range(13))
+    assert all(not r["agreement_alarm"] and r["agreement_gap"] <= r["agreement_threshold"]
+               for r in records if "agreement_version" in r)
+    # synchronous: every token of a batch comes from the trainer's current version
+    assert all(r["mismatch_tokens"] == r["num_samples"] * 3 for r in steps)
+    assert all(r["mismatch_max_abs"] < 1e-5 for r in steps)  # float32, the same arithmetic both sides
     assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 4, 8, 12]
     assert sorted(p.name for p in run_dir.adapters.iterdir()) == sorted(f"v{v}" for v in range(13))
     assert run_dir.plot_path.stat().st_size > 0
@@ -62,11 +68,53 @@ def test_versions_rollouts_and_run_directory(tmp_path):
     assert steps[-1]["reward_mean"] > steps[0]["reward_mean"]
 
 
-def test_a_server_serving_the_wrong_weights_fails_the_agreement_check(tmp_path):
+def test_a_server_serving_the_wrong_weights_is_reloaded_once_then_stops_with_a_checkpoint(tmp_path):
     loop, engine, server, run_dir = make_loop(tmp_path, server=StandInServer(corrupt_from_version=2))
-    with pytest.raises(AgreementError, match="adapter version 2"):
+    with pytest.raises(AgreementStopped, match=r"adapter version 3: the server serves the base model.*"
+                                               r"resume with: .*resume=true"):
         loop.run()
-    assert max(r["step"] for r in run_dir.read_metrics()) == 1
+    records = run_dir.read_metrics()
+    assert max(r["step"] for r in records) == 2  # step 2 made version 2; nothing trained on it
+    assert all(2 not in r.get("rollout_versions", []) and 3 not in r.get("rollout_versions", [])
+               for r in records)
+    assert (run_dir.checkpoints / "latest").read_text().strip() == "step-000002"
+    happened = [(e["event"], e["version"]) for e in events(run_dir) if e["event"].startswith("agreement_")]
+    assert happened == [("agreement_alarm", 2), ("agreement_reload", 3), ("agreement_alarm", 3)]
+
+
+def test_a_wrong_load_that_a_reload_fixes_is_never_trained_on_and_the_run_goes_on(tmp_path):
+    loop, engine, server, run_dir = make_loop(tmp_path, server=StandInServer(corrupt_versions={2}),
+                                              **{"train.steps": 5})
+    loop.run()
+    records = [r for r in run_dir.read_metrics() if r["step"] > 0]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[2]["rollout_versions"] == [3]  # step 3's batch came from the reloaded copy
+    assert all(2 not in r["rollout_versions"] for r in records)
+    assert [e["event"] for e in events(run_dir) if e["event"].startswith("agreement_")] == [
+        "agreement_alarm", "agreement_reload"]
+
+
+def test_warn_records_every_alarm_and_goes_on(tmp_path):
+    loop, engine, server, run_dir = make_loop(tmp_path, server=StandInServer(corrupt_from_version=2),
+                                              **{"train.steps": 4, "train.agreement": "warn"})
+    loop.run()
+    alarms = [e["version"] for e in events(run_dir) if e["event"] == "agreement_alarm"]
+    assert alarms == [2, 3, 4]
+    assert all(e["reason"] for e in events(run_dir) if e["event"] == "agreement_alarm")
+
+
+def test_off_runs_no_check(tmp_path):
+    loop, engine, server, run_dir = make_loop(tmp_path, server=StandInServer(corrupt_from_version=2),
+                                              **{"train.steps": 4, "train.agreement": "off"})
+    loop.run()
+    assert not any(e["event"].startswith("agreement") for e in events(run_dir))
+    assert not any("agreement_gap" in r for r in run_dir.read_metrics())
+    # the mismatch of the rollouts shows what went wrong, every step
+    assert max(r["mismatch_mean_abs"] for r in run_dir.read_metrics() if r["step"] > 2) > 0.1
+
+
+def events(run_dir):
+    return [json.loads(line) for line in run_dir.events_path.read_text().splitlines()]
 
 
 def test_keep_adapters_prunes_old_directories(tmp_path):

@@ -1,10 +1,12 @@
-"""The real SGLang server's log-probabilities agree with HF transformers + PEFT (float32, 1e-4)."""
+"""The real SGLang server's log-probabilities agree with HF transformers + PEFT (float32), as the
+agreement check judges them: nearer to the adapter than to the base model, within the float32
+threshold, and the check's alarm when the base model is served instead."""
 
 from __future__ import annotations
 
 import pytest
 
-from areal_core.agreement import max_abs_difference
+from areal_core.agreement import GAP_THRESHOLD, flatten, judge
 from areal_core.interfaces import ExportedAdapter
 from areal_sglang.server import SGLangRolloutServer
 
@@ -12,8 +14,7 @@ from sglang_support import MODULES, client_config
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-TOLERANCE = 1e-4
-PROBE_TOKENS = 96
+PROBE_SEQUENCES = 2  # of 129 tokens: 256 scored, within the session server's max_model_len (256)
 
 
 def peft_adapter(model_dir, directory):
@@ -48,25 +49,29 @@ def test_prompt_logprobs_match_hf_peft(sglang_server, tiny_qwen2, tmp_path):
     import torch
 
     generator = torch.Generator().manual_seed(3)
-    probe = [1] + torch.randint(4, 27, (PROBE_TOKENS - 1,), generator=generator).tolist()
+    probe = [[1] + torch.randint(4, 27, (128,), generator=generator).tolist() for _ in range(PROBE_SEQUENCES)]
     model = peft_adapter(tiny_qwen2, tmp_path / "peft-v1")
-    trainer = hf_logprobs(model, probe)
+    trainer = flatten(hf_logprobs(model, sequence) for sequence in probe)
     with model.disable_adapter():
-        base = hf_logprobs(model, probe)
+        base = flatten(hf_logprobs(model, sequence) for sequence in probe)
 
     client = SGLangRolloutServer(client_config(tiny_qwen2, sglang_server.clients[0].base_url, "agree", tmp_path))
     client.start()
     try:
         client.load_adapter(ExportedAdapter(path=str(tmp_path / "peft-v1"), version=1, rank=8, alpha=16,
                                             target_modules=tuple(sorted(MODULES))), "agree-v1")
-        served = client.prompt_logprobs(probe, lora_name="agree-v1")
-        again = client.prompt_logprobs(probe, lora_name="agree-v1")  # a second time, from the prefix cache
+        served = flatten(client.prompt_logprobs(sequence, lora_name="agree-v1") for sequence in probe)
+        again = flatten(client.prompt_logprobs(sequence, lora_name="agree-v1") for sequence in probe)  # prefix cache
+        served_base = flatten(client.prompt_logprobs(sequence, lora_name=None) for sequence in probe)
     finally:
         client.unload_adapter("agree-v1")
         client.stop()
 
-    assert len(served) == PROBE_TOKENS - 1
-    effect = max_abs_difference(trainer, base)
-    assert effect > 100 * TOLERANCE, f"the adapter moves log-probabilities by only {effect}"
-    assert max_abs_difference(served, trainer) <= TOLERANCE
-    assert max_abs_difference(again, trainer) <= TOLERANCE
+    assert len(served) == 256
+    for scores in (served, again):
+        result = judge(1, "float32", scores, trainer, base, None)
+        assert not result.alarm, result.describe()
+        # the adapter moves the probe by 100x the threshold, the server differs from HF by less than it
+        assert result.adapter_effect > 100 * GAP_THRESHOLD["float32"] > 100 * result.gap
+    wrong = judge(1, "float32", served_base, trainer, base, None)
+    assert wrong.alarm and "the base model" in wrong.reason

@@ -1,4 +1,4 @@
-"""The core's conformance kit for engine x sglang on the real SGLang server (agreement within 1e-4, float32)."""
+"""The core's conformance kit for engine x sglang on the real SGLang server (float32)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def test_conformance_kit_passes_for_engine_x_sglang(engine, sglang_server, tiny_
         model_dir=tiny_qwen2,  # the model the session's server serves
         overrides=[f"gconfig.lora_name=conformance-{engine}", "actor.device=cpu"],
     )
-    assert report.agreement_max_abs <= 1e-4
-    assert report.adapter_effect_max_abs > 1e-3
+    assert not report.agreement.alarm and report.agreement_gap <= report.agreement_threshold
+    assert report.adapter_effect > 10 * report.agreement_threshold  # the kit's own bar, checked again
     assert report.generated_version == 1
     # leave the shared server as it was found
     sglang_server.clients[0].post_json("/unload_lora_adapter", {"lora_name": f"conformance-{engine}-v1"})

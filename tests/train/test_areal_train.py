@@ -37,9 +37,13 @@ def test_versions_increase_and_every_step_is_recorded(short_run):
     assert [r["version"] for r in records] == [0, 1, 2, 3, 4]
     for record in records[1:]:
         assert record["rollout_versions"] == [record["version"] - 1]
-        for key in ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "sync_seconds", "agreement_max_abs"):
+        for key in ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "sync_seconds", "agreement_gap",
+                    "mismatch_mean_abs", "mismatch_max_abs", "mismatch_kl", "mismatch_ratio_outside"):
             assert isinstance(record[key], float), key
-        assert record["agreement_max_abs"] <= 1e-4
+        # each record carries the check of the version its step made
+        assert record["agreement_version"] == record["version"] and not record["agreement_alarm"]
+        assert record["agreement_gap"] <= record["agreement_threshold"]
+        assert record["mismatch_tokens"] > 0
         assert record["num_samples"] == 16
     assert [r["step"] for r in records if "eval_accuracy" in r] == [0, 2, 4]
 

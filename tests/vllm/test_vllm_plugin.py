@@ -267,5 +267,5 @@ def test_agreement_refuses_a_short_probe_before_asking_the_server():
         def prompt_logprobs(self, token_ids, *, lora_name):
             raise AssertionError("the server must not be asked")
 
-    with pytest.raises(ValueError, match="at least 64"):
-        check_server_agreement(NoServer(), list(range(10)), [0.0] * 9, lora_name="x-v1", tolerance=1e-4)
+    with pytest.raises(ValueError, match="scores 9 tokens; use at least 256"):
+        check_server_agreement(NoServer(), [list(range(10))], [0.0] * 9, [0.0] * 9, lora_name="x-v1")

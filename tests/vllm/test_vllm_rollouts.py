@@ -23,6 +23,7 @@ from areal_core.grpo.publisher import AdapterPublisher
 from areal_core.interfaces import ExportedAdapter, SamplingParams
 from areal_core.registry import default_registry
 
+from areal_core.agreement import GAP_THRESHOLD, flatten
 from areal_vllm.agreement import check_server_agreement
 from areal_vllm.http_client import ServerRequestError, VllmHttp
 from areal_vllm.launcher import ServerStartError
@@ -174,18 +175,18 @@ def test_server_logprobs_agree_with_hf_peft_in_float32(connect, adapters, vllm_m
     adapter = adapters("agree")
     server.load_adapter(exported(adapter, 1), "agree-v1")
     server.load_adapter(exported(adapters("two"), 2), "agree-v2")
-    for length in (64, 160):
-        sequence = probe(length, seed=length)
-        trainer = hf_prompt_logprobs(vllm_model, sequence, adapter)
-        base = hf_prompt_logprobs(vllm_model, sequence)
-        assert max(abs(a - b) for a, b in zip(trainer, base)) > 1.0  # the adapter matters a lot
-        assert check_server_agreement(server, sequence, trainer, lora_name="agree-v1", tolerance=1e-4) <= 1e-4
-        assert check_server_agreement(server, sequence, base, lora_name=None, tolerance=1e-4) <= 1e-4
+    for length in (129, 257):  # 2 x 128 and 1 x 256 scored tokens
+        sequences = [probe(length, seed=length + i) for i in range(256 // (length - 1))]
+        trainer = flatten(hf_prompt_logprobs(vllm_model, s, adapter) for s in sequences)
+        base = flatten(hf_prompt_logprobs(vllm_model, s) for s in sequences)
+        result = check_server_agreement(server, sequences, trainer, base, lora_name="agree-v1")
+        assert result.adapter_effect > 100 * GAP_THRESHOLD["float32"] > 100 * result.gap  # the adapter matters a lot
+        assert not check_server_agreement(server, sequences, base, base, lora_name=None).alarm
         # what the check is for: rollouts served by the base model or by another version
-        with pytest.raises(AgreementError, match="the base model on vllm"):
-            check_server_agreement(server, sequence, trainer, lora_name=None, tolerance=1e-4)
+        with pytest.raises(AgreementError, match="the base model on vllm.*serves the base model"):
+            check_server_agreement(server, sequences, trainer, base, lora_name=None)
         with pytest.raises(AgreementError, match="agree-v2 on vllm"):
-            check_server_agreement(server, sequence, trainer, lora_name="agree-v2", tolerance=1e-4)
+            check_server_agreement(server, sequences, trainer, base, lora_name="agree-v2")
 
 
 def test_load_errors_name_the_problem_and_the_live_version_keeps_serving(connect, adapters, vllm_server, tmp_path):

@@ -1,7 +1,8 @@
-"""The agreement check after a load: the server's log-probabilities of a probe versus the trainer's.
+"""The agreement check after a load, as the vLLM plugin's tests and tools call it.
 
-Works with any ``RolloutServer`` (it only calls ``prompt_logprobs``); the comparison itself is
-``areal_core.agreement.check_agreement``.
+The check itself is the core's (``areal_core.agreement``): the server's scores of a probe judged
+against the trainer's current adapter, its base model and its previous version, with a threshold
+derived from the dtype. This is a thin entry point kept for callers of the plugin.
 """
 
 from __future__ import annotations
@@ -9,39 +10,31 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from areal_core.agreement import check_agreement
+from areal_core.agreement import AgreementResult, check_server
 from areal_core.interfaces import RolloutServer
 
 logger = logging.getLogger("areal_vllm")
 
-#: Shorter probes can miss a wrong adapter whose effect happens to be small on a few tokens.
-MIN_PROBE_TOKENS = 64
-
 
 def check_server_agreement(
     server: RolloutServer,
-    probe_ids: Sequence[int],
-    trainer_logprobs: Sequence[float],
+    probe: Sequence[Sequence[int]],
+    trainer: Sequence[float],
+    base: Sequence[float],
     *,
     lora_name: str | None,
-    tolerance: float,
-) -> float:
-    """Compare the server's log-probabilities of ``probe_ids`` under ``lora_name`` with the trainer's.
+    dtype: str = "float32",
+    previous: Sequence[float] | None = None,
+) -> AgreementResult:
+    """Judge what ``server`` serves under ``lora_name`` (None: the base model).
 
-    :param probe_ids: a fixed probe sequence of at least ``MIN_PROBE_TOKENS`` token ids.
-    :param trainer_logprobs: the trainer's ``log p(probe_ids[i] | probe_ids[:i])`` for i >= 1
-        (``len(probe_ids) - 1`` values), from the adapter just exported.
-    :param lora_name: the version name just loaded (None compares the base model).
-    :param tolerance: ``train.agreement_tolerance``.
-    :return: the maximum absolute difference (also logged).
-    :raises ValueError: the probe is shorter than ``MIN_PROBE_TOKENS``.
-    :raises AgreementError: the difference is above ``tolerance``.
+    :param probe: probe sequences scoring at least ``areal_core.agreement.MIN_DECISION_TOKENS``
+        tokens in all.
+    :param trainer: the trainer's flat scores of the probe under the adapter just exported.
+    :param base: the same with the adapter disabled.
+    :raises ValueError: the probe is too short (the server is not asked).
+    :raises AgreementError: the served scores are not the trainer's adapter.
     """
-    if len(probe_ids) < MIN_PROBE_TOKENS:
-        raise ValueError(f"the agreement probe has {len(probe_ids)} tokens; use at least {MIN_PROBE_TOKENS}")
-    served = server.prompt_logprobs(probe_ids, lora_name=lora_name)
-    what = f"{lora_name or 'the base model'} on {server.name}"
-    difference = check_agreement(served, trainer_logprobs, tolerance, what)
-    logger.info("agreement %s: max |server - trainer| log-prob = %.3g over %d tokens",
-                what, difference, len(served))
-    return difference
+    result = check_server(server, probe, trainer, base, lora_name=lora_name, dtype=dtype, previous=previous)
+    logger.info("agreement %s on %s: %s", lora_name or "base model", server.name, result.describe())
+    return result
