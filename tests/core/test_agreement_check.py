@@ -12,8 +12,8 @@ import random
 import pytest
 
 from areal_core.agreement import (
-    CLOSER_TO_ALTERNATIVE_Z, GAP_THRESHOLD, MIN_DECISION_TOKENS, PROBE_TOKENS, compute_dtype, judge,
-    nearer_to_trainer_z, probe_sequences,
+    GAP_THRESHOLD, MIN_DECISION_TOKENS, NEARER_FACTOR, PROBE_TOKENS, compute_dtype, judge, nearer_factor,
+    probe_sequences,
 )
 from areal_core.errors import AgreementError
 
@@ -52,6 +52,7 @@ def test_a_healthy_server_never_alarms_whatever_the_update(dtype, update):
         served = plus_noise(trainer, noise, seed + 300)
         result = judge(3, dtype, served, trainer, base, previous)
         assert not result.alarm, result.describe()
+        assert max(result.nearer.values()) < NEARER_FACTOR / 2  # the margin, not just a pass
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -65,7 +66,7 @@ def test_version_0_served_as_the_base_is_no_fault(dtype):
 @pytest.mark.parametrize("case", ["base", "previous", "double_scale", "other_adapter"])
 def test_wrong_weights_are_caught_once_their_effect_is_a_few_times_the_noise(dtype, case):
     noise = NOISE[dtype]
-    effect = 3 * noise  # the adapter's (and the update's) effect: three times the noise
+    effect = 4 * noise  # the adapter's (and the update's) effect: four times the noise
     base = scores(N, 5)
     previous = moved(base, effect, 6)
     trainer = moved(previous, effect, 7)
@@ -76,17 +77,17 @@ def test_wrong_weights_are_caught_once_their_effect_is_a_few_times_the_noise(dty
     assert result.alarm
     if case != "other_adapter":
         assert result.reason.startswith("the server serves")
-        assert result.nearer_z[case] < -2 * CLOSER_TO_ALTERNATIVE_Z  # a margin, not just a pass
+        assert result.nearer[case] > NEARER_FACTOR * 1.2  # a margin, not just a pass
     else:
         assert result.gap > 3 * result.threshold
 
 
-def test_the_margin_z_is_zero_for_identical_alternatives_and_signed_by_nearness():
+def test_the_nearer_factor_is_one_for_identical_alternatives_and_grows_with_nearness():
     trainer = scores(N, 3)
-    assert nearer_to_trainer_z(trainer, trainer, trainer) == 0.0
+    assert nearer_factor(trainer, trainer, trainer) == 1.0
     far = [t - 1.0 for t in trainer]
-    assert nearer_to_trainer_z(plus_noise(trainer, 0.01, 4), trainer, far) > 100
-    assert nearer_to_trainer_z(plus_noise(far, 0.01, 4), trainer, far) < -100
+    assert nearer_factor(plus_noise(trainer, 0.01, 4), trainer, far) < 0.02
+    assert nearer_factor(plus_noise(far, 0.01, 4), trainer, far) > 50
 
 
 def test_figures_name_the_version_and_what_each_alternative_would_show():
@@ -96,7 +97,7 @@ def test_figures_name_the_version_and_what_each_alternative_would_show():
     assert result.alarm and "the base model" in result.reason
     text = result.describe()
     assert text.startswith("adapter version 7: the server serves the base model") and "256 probe tokens" in text
-    assert result.metrics()["agreement_z_previous"] is None and result.update_effect is None
+    assert result.metrics()["agreement_nearer_previous"] is None and result.update_effect is None
 
 
 def test_length_mismatch_is_an_error():
