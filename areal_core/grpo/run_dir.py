@@ -4,9 +4,11 @@
     metrics.jsonl      one JSON object per step (appended and flushed as the run goes)
     adapters/v<N>/     the PEFT adapter of each kept version
     logs/              the rollout servers' logs
-    plot.png           reward and accuracy against step, drawn at the start and redrawn every few
-                       steps, after each evaluation and at the end
-    events.jsonl       adapter loads, unloads and generate calls (with the version each named), in order
+    plot.png           reward and accuracy against step, and below them the training-inference
+                       mismatch, drawn at the start and redrawn every few steps, after each
+                       evaluation and at the end
+    events.jsonl       adapter loads, unloads and generate calls (with the version each named), every
+                       agreement check's figures and every alarm, in order
 """
 
 from __future__ import annotations
@@ -66,17 +68,31 @@ class RunDirectory:
 
         records = self.read_metrics()
         steps = [r["step"] for r in records if "reward_mean" in r]
-        figure, axis = plt.subplots(figsize=(7, 4))
+        figure, (axis, lower) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 1.4]})
         axis.plot(steps, [r["reward_mean"] for r in records if "reward_mean" in r], label="reward (rollouts)", linestyle="--", linewidth=2.5)
         axis.plot(steps, [r["accuracy"] for r in records if "accuracy" in r], label="accuracy (rollouts)")
         evals = [(r["step"], r["eval_accuracy"]) for r in records if r.get("eval_accuracy") is not None]
         if evals:
             axis.plot(*zip(*evals), marker="o", label="held-out accuracy (greedy)")
-        axis.set_xlabel("step")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(loc="lower right")
         axis.set_title("GRPO with LoRA")
+        # The training-inference mismatch (areal_core.grpo.mismatch): trainer vs server on the
+        # rollout tokens of the trainer's current version.
+        mismatch = [(r["step"], r["mismatch_mean_abs"], r["mismatch_kl"]) for r in records
+                    if r.get("mismatch_mean_abs") is not None]
+        if mismatch:
+            mismatch_steps, mean_abs, kl = zip(*mismatch)
+            lower.plot(mismatch_steps, mean_abs, label="mean |trainer - server| log-prob")
+            lower.plot(mismatch_steps, kl, label="KL(server || trainer), k3")
+            if max(max(mean_abs), max(kl)) > 0:
+                lower.set_yscale("log", nonpositive="mask")  # float32's KL can round to 0
+            lower.legend(loc="upper right", fontsize="small")
+        lower.set_ylabel("mismatch")
+        lower.set_xlabel("step")
+        lower.grid(alpha=0.3)
         figure.tight_layout()
         staging = self.plot_path.with_suffix(".tmp.png")
         figure.savefig(staging, dpi=100)
