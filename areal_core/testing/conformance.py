@@ -115,7 +115,7 @@ def run_conformance(
     import torch
 
     from areal_core.agreement import (
-        check_server, compute_dtype, flatten, max_abs_difference, mean_abs_distance, probability_weights,
+        check_server, compute_dtype, distance, flatten, max_abs_difference, probability_weights,
     )
     from areal_core.adapter_format import verify_adapter_dir
     from areal_core.config_loader import load_config_or_raise
@@ -180,7 +180,7 @@ def run_conformance(
             base = flatten(engine.compute_logprobs(probe, disable_adapter=True))
         dtype = compute_dtype(config.actor.param_dtype or config.actor.dtype, config.rollout.dtype)
         limit = GAP_THRESHOLD[dtype] if threshold is None else threshold
-        effect = mean_abs_distance(trainer, base, probability_weights(trainer))  # the check's D(T, B)
+        effect = distance(trainer, base, probability_weights(trainer))  # the check's D(T, B)
         if effect <= MIN_EFFECT_OVER_THRESHOLD * limit:
             raise ConformanceError(
                 f"the trained adapter moves log-probabilities by only {effect:.3g} on average; the check "

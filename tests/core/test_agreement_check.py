@@ -84,10 +84,21 @@ def test_wrong_weights_are_caught_once_their_effect_is_a_few_times_the_noise(dty
 
 def test_the_nearer_factor_is_one_for_identical_alternatives_and_grows_with_nearness():
     trainer = scores(N, 3)
-    assert nearer_factor(trainer, trainer, trainer) == 1.0
+    w = [1.0] * N
+    assert nearer_factor(trainer, trainer, trainer, w) == 1.0
     far = [t - 1.0 for t in trainer]
-    assert nearer_factor(plus_noise(trainer, 0.01, 4), trainer, far) < 0.02
-    assert nearer_factor(plus_noise(far, 0.01, 4), trainer, far) > 50
+    assert nearer_factor(plus_noise(trainer, 0.01, 4), trainer, far, w) < 0.02
+    assert nearer_factor(plus_noise(far, 0.01, 4), trainer, far, w) > 50
+
+
+def test_a_few_outlying_tokens_do_not_make_a_gap():
+    """bfloat16 noise is heavy-tailed: a handful of tokens differing by 0.8 (docs/agreement.md)."""
+    trainer = [-0.5] * N
+    served = list(trainer)
+    for t in range(0, 10 * 25, 25):  # 10 of 256 tokens, under the 5 % trimmed
+        served[t] -= 0.8
+    result = judge(1, "bfloat16", served, trainer, [-1.0] * N, None)
+    assert result.gap == 0.0 and not result.alarm and result.gap_max_abs == pytest.approx(0.8)
 
 
 def test_figures_name_the_version_and_what_each_alternative_would_show():
