@@ -9,6 +9,17 @@ plugin may) and changes nothing unless ``AREAL_INJECT_FAULT`` asks for a fault:
     checkpoint-enospc@N   the same, during the Nth checkpoint of the run
 
 Counted per process, on every rank alike; the fault itself is raised on rank 0, which writes.
+
+Wrong weights served, below the project's admission and checksum checks (rank 0, after the real
+load of adapter version N and of every later one; ``-once``: version N only; see
+``areal_fault_wrong_weights``, which also logs each one to ``<output_dir>/fault-injection.jsonl``):
+
+    serve-base@N             requests for the version reach the server without the adapter
+    serve-previous@N         the name serves the previous version's weights
+    serve-double-scale@N     ... a copy with lora_alpha doubled
+    serve-missing-module@N   ... a copy without the down_proj tensors
+    serve-other-adapter@N    ... random LoRA tensors of the same keys, shapes and sizes
+    serve-previous-once@N    (any of them with -once) only version N's load is wrong
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import errno
 import os
 
 from areal_core import hookimpl
+
+import areal_fault_wrong_weights as wrong_weights
 
 FAULT_ENV = "AREAL_INJECT_FAULT"
 _calls: dict[str, int] = {}
@@ -66,3 +79,16 @@ def areal_build_engine(backend, config):
 
     engine.save_checkpoint = save_checkpoint
     return engine
+
+
+@hookimpl(wrapper=True)
+def areal_load_rollout_adapter(backend, server, adapter, lora_name):
+    name = yield  # the real load: admitted, checksums verified, listed by the server
+    fault = wrong_weights.parse(os.environ.get(FAULT_ENV, ""))
+    if fault is None:
+        return name
+    wrong_weights.remember_load(adapter)
+    kind, first, once = fault
+    if adapter.version == first or (adapter.version > first and not once):
+        wrong_weights.inject(kind, backend, server, adapter, lora_name)
+    return name
