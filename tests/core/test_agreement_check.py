@@ -36,9 +36,9 @@ def moved(values, by, seed):
 
 
 N = PROBE_TOKENS
-# Healthy noise in mean absolute log-prob, the largest measured (docs/agreement.md): float32 6.6e-6,
-# bfloat16 0.073. The synthetic runs use these.
-NOISE = {"float32": 6.6e-6, "bfloat16": 0.073}
+# Healthy noise, the largest gap measured (docs/agreement.md): float32 7.7e-7, bfloat16 0.0044.
+# The synthetic runs use these as the noise's mean absolute size on every token.
+NOISE = {"float32": 7.7e-7, "bfloat16": 0.0044}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -66,7 +66,7 @@ def test_version_0_served_as_the_base_is_no_fault(dtype):
 @pytest.mark.parametrize("case", ["base", "previous", "double_scale", "other_adapter"])
 def test_wrong_weights_are_caught_once_their_effect_is_a_few_times_the_noise(dtype, case):
     noise = NOISE[dtype]
-    effect = 4 * noise  # the adapter's (and the update's) effect: four times the noise
+    effect = 8 * noise  # the adapter's (and the update's) effect: eight times the noise
     base = scores(N, 5)
     previous = moved(base, effect, 6)
     trainer = moved(previous, effect, 7)
