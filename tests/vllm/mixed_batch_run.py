@@ -8,7 +8,9 @@ per process and ``VLLM_PLUGINS`` decides which. Usage::
 It generates greedily for prompts x {base, a, b}: first each request alone (serial), then all of
 them as one ``generate`` call with one LoRA request per prompt (None for base), which vLLM
 schedules as one mixed batch. The engine runs in this process (no multiprocessing), so the
-result also says whether the areal mixed-batch fix was applied here.
+result also says whether the areal mixed-batch fix was applied here. ``forced`` measures what the
+adapters do: for each prompt, the log-probabilities of the base model's serial completion
+teacher-forced (one request at a time) under base, a and b.
 """
 
 from __future__ import annotations
@@ -41,11 +43,23 @@ def main(model: str, adapter_a: str, adapter_b: str, out: str) -> None:
 
     serial = [run([request])[0] for request in requests]
     mixed = run(requests)
+
+    score = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+
+    def forced(prompt, completion, kind):
+        sequence = prompt + completion
+        scored = llm.generate([{"prompt_token_ids": sequence}], score, lora_request=[adapters[kind]],
+                              use_tqdm=False)[0].prompt_logprobs
+        return [scored[i][token].logprob for i, token in enumerate(sequence) if i >= len(prompt)]
+
+    base_completions = [s["ids"] for (_, kind), s in zip(requests, serial) if kind == "base"]
+    teacher_forced = [{kind: forced(prompt, completion, kind) for kind in adapters}
+                      for prompt, completion in zip(prompts, base_completions)]
     from areal_vllm.mixed_batch_fix import is_applied
 
     with open(out, "w") as handle:
         json.dump({"kinds": [kind for _, kind in requests], "serial": serial, "mixed": mixed,
-                   "fix_applied": is_applied()}, handle)
+                   "forced": teacher_forced, "fix_applied": is_applied()}, handle)
 
 
 if __name__ == "__main__":
