@@ -150,3 +150,11 @@ class Comm:
         tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX)
         return dict(zip(keys, tensor.tolist()))
+
+    def gather(self, obj: Any) -> list | None:
+        """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks)."""
+        if self.world_size == 1:
+            return [obj]
+        box = [None] * self.world_size if self.is_leader else None
+        self._dist.gather_object(obj, box, dst=0)
+        return box

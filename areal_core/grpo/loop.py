@@ -134,14 +134,27 @@ class GRPOLoop:
             "adapter_bytes": adapter.num_bytes,
         }
         if self.agreement != "off":
-            # The trainer's side of the check: a collective forward, while the server generates.
+            # The trainer's side of the check, while the server generates.
             start = time.perf_counter()
-            trainer = flatten(t.tolist() for t in self.engine.compute_logprobs(self.probe))
+            trainer = self._probe_scores()
             record["agreement_trainer_seconds"] = time.perf_counter() - start
             if self.comm.is_leader:
                 self.monitor.new_trainer_scores(trainer)
                 self.monitor.start(self.version)
         return record
+
+    def _probe_scores(self, disable_adapter: bool = False) -> list[float] | None:
+        """The trainer's flat scores of the probe on rank 0 (None elsewhere): a collective forward
+        in which each rank scores its share of the probe's sequences."""
+        rank, world = self.comm.rank, self.comm.world_size
+        mine = self.engine.compute_logprobs(self.probe[rank::world], disable_adapter=disable_adapter)
+        shares = self.comm.gather([t.tolist() for t in mine])
+        if shares is None:
+            return None
+        rows = [None] * len(self.probe)
+        for r, share in enumerate(shares):
+            rows[r::world] = share
+        return flatten(rows)
 
     def _publish_on_leader(self, adapter, step: int) -> dict:
         start = time.perf_counter()
@@ -450,7 +463,7 @@ class GRPOLoop:
         """The base model's probe scores (collective, once: the base never changes)."""
         if self.agreement == "off":
             return
-        base = flatten(t.tolist() for t in self.engine.compute_logprobs(self.probe, disable_adapter=True))
+        base = self._probe_scores(disable_adapter=True)
         if self.comm.is_leader:
             self.monitor = AgreementMonitor(self.publisher, self.probe, base, self.agreement_dtype)
 
