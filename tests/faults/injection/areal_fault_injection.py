@@ -20,6 +20,9 @@ load of adapter version N and of every later one; ``-once``: version N only; see
     serve-missing-module@N   ... a copy without the down_proj tensors
     serve-other-adapter@N    ... random LoRA tensors of the same keys, shapes and sizes
     serve-previous-once@N    (any of them with -once) only version N's load is wrong
+
+Several serve-* faults, comma-separated, in one run (each at versions of its own), e.g.
+``serve-base-once@2,serve-previous-once@4``.
 """
 
 from __future__ import annotations
@@ -84,11 +87,11 @@ def areal_build_engine(backend, config):
 @hookimpl(wrapper=True)
 def areal_load_rollout_adapter(backend, server, adapter, lora_name):
     name = yield  # the real load: admitted, checksums verified, listed by the server
-    fault = wrong_weights.parse(os.environ.get(FAULT_ENV, ""))
-    if fault is None:
+    faults = wrong_weights.parse_all(os.environ.get(FAULT_ENV, ""))
+    if not faults:
         return name
     wrong_weights.remember_load(adapter)
-    kind, first, once = fault
-    if adapter.version == first or (adapter.version > first and not once):
+    kind = wrong_weights.due(faults, adapter.version)
+    if kind is not None:
         wrong_weights.inject(kind, backend, server, adapter, lora_name)
     return name

@@ -19,6 +19,11 @@ or an operator's mistake would:
                           root-mean-square of the real one (another run's adapter at the same
                           stage: B non-zero, same scale)
 
+Several faults in one run: ``AREAL_INJECT_FAULT`` holds them comma-separated, e.g.
+``serve-base-once@2,serve-previous-once@4``; each applies to the versions its ``@N`` (and
+``-once``) names, and two faults that apply to the same version make the run fail at that load
+(the spec is ambiguous).
+
 Every injection scores a short token sequence under the name before and after the swap and
 appends what it did, with that difference, to ``<output_dir>/fault-injection.jsonl``: a test can
 tell that the fault really happened even when no check of the run noticed it.
@@ -44,12 +49,29 @@ _to_base: set[str] = set()
 
 def parse(spec: str) -> tuple[str, int, bool] | None:
     """``serve-<kind>[-once]@N`` -> (kind, N, once); None for another fault."""
-    wanted, _, nth = spec.partition("@")
+    wanted, _, nth = spec.strip().partition("@")
     once = wanted.endswith("-once")
     kind = wanted[: -len("-once")] if once else wanted
     if kind not in KINDS:
         return None
     return kind, int(nth or 1), once
+
+
+def parse_all(specs: str) -> list[tuple[str, int, bool]]:
+    """The ``serve-*`` faults of a comma-separated ``AREAL_INJECT_FAULT`` (others are skipped)."""
+    return [fault for spec in specs.split(",") if (fault := parse(spec)) is not None]
+
+
+def due(faults: list[tuple[str, int, bool]], version: int) -> str | None:
+    """The kind of the one fault that applies to ``version``'s load, if any.
+
+    :raises RuntimeError: more than one applies (e.g. a persistent fault and a later one).
+    """
+    kinds = [kind for kind, first, once in faults if version == first or (version > first and not once)]
+    if len(kinds) > 1:
+        raise RuntimeError(f"fault injection: {kinds} all apply to adapter version {version}; "
+                           f"give each its own versions")
+    return kinds[0] if kinds else None
 
 
 def _weights_checksum(directory: str) -> str:
