@@ -78,8 +78,8 @@ MIN_DECISION_TOKENS = 256
 #: unit roundoffs, 2^-11 / 2^-8, and not measured).
 GAP_THRESHOLD = {
     "float32": 2e-5,  # healthy demo runs: at most 7.7e-7 (200 steps), 26x below
-    "bfloat16": 0.015,  # healthy demo runs: at most 0.0044 (200 steps), 3.4x below
-    "float16": 0.015 / 8,
+    "bfloat16": 0.02,  # healthy: at most 0.0044 on the demo (200 steps), 0.0062 on the test model
+    "float16": 0.02 / 8,
 }
 
 #: The share of probe tokens with the largest weighted differences that a distance leaves out.
