@@ -1,6 +1,6 @@
 """The real SGLang server's log-probabilities agree with HF transformers + PEFT (float32), as the
-agreement check judges them: nearer to the adapter than to the base model, within the float32
-threshold, and the check's alarm when the base model is served instead."""
+agreement check judges them: within the float32 threshold, far nearer to the adapter than the
+base model is."""
 
 from __future__ import annotations
 
@@ -62,7 +62,6 @@ def test_prompt_logprobs_match_hf_peft(sglang_server, tiny_qwen2, tmp_path):
                                             target_modules=tuple(sorted(MODULES))), "agree-v1")
         served = flatten(client.prompt_logprobs(sequence, lora_name="agree-v1") for sequence in probe)
         again = flatten(client.prompt_logprobs(sequence, lora_name="agree-v1") for sequence in probe)  # prefix cache
-        served_base = flatten(client.prompt_logprobs(sequence, lora_name=None) for sequence in probe)
     finally:
         client.unload_adapter("agree-v1")
         client.stop()
@@ -73,5 +72,4 @@ def test_prompt_logprobs_match_hf_peft(sglang_server, tiny_qwen2, tmp_path):
         assert not result.alarm, result.describe()
         # the adapter moves the probe by 100x the threshold, the server differs from HF by less than it
         assert result.adapter_effect > 100 * GAP_THRESHOLD["float32"] > 100 * result.gap
-    wrong = judge(1, "float32", served_base, trainer, base, None)
-    assert wrong.alarm and "the base model" in wrong.reason
+    # (SGLang serving the base model instead is tests/faults/test_wrong_weights.py)

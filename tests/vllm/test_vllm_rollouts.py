@@ -163,7 +163,9 @@ def test_versions_load_serve_and_retire_through_the_core_publisher(vllm_server, 
     assert not {"flow-v1", "flow-v2"} & set(vllm_server.loaded_adapters())  # a client cleans up at stop
     loads = Counter(re.findall(r"Loaded new LoRA adapter: name '([^']+)'", vllm_server.log_path.read_text()))
     assert loads["flow-v1"] == 1 and loads["flow-v2"] == 1
-    assert max(loads.values()) == 1, loads  # no name loaded twice in the whole session
+    # No name loaded twice in the whole session, but by tests/faults/test_wrong_weights.py, whose
+    # fault injection (its names start with "ww") reloads a version's name with other weights.
+    assert max(n for name, n in loads.items() if not name.startswith("ww")) == 1, loads
 
 
 def test_a_stale_version_is_unloaded_once_no_request_uses_it(connect, adapters):
