@@ -131,24 +131,20 @@ class Comm:
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Element-wise sum over ranks of a dict with the same keys on every rank."""
-        if self.world_size == 1:
-            return dict(values)
-        import torch
-
-        keys = sorted(values)
-        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        self._dist.all_reduce(tensor)
-        return dict(zip(keys, tensor.tolist()))
+        return self._all_reduce(values, "SUM")
 
     def max(self, values: dict[str, float]) -> dict[str, float]:
         """Element-wise maximum over ranks of a dict with the same keys on every rank."""
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values: dict[str, float], op: str) -> dict[str, float]:
         if self.world_size == 1:
             return dict(values)
         import torch
 
         keys = sorted(values)
         tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX)
+        self._dist.all_reduce(tensor, op=getattr(self._dist.ReduceOp, op))
         return dict(zip(keys, tensor.tolist()))
 
     def gather(self, obj: Any) -> list | None:
