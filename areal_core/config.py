@@ -13,6 +13,9 @@ import attrs
 ALL_LINEAR = "all-linear"
 DTYPES = ("float32", "bfloat16", "float16")
 AGREEMENT_POLICIES = ("stop", "warn", "off")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+NORM_LEVELS = ("group", "batch")  # and None: no centring / no scaling
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _list_of_str(value) -> list[str]:
@@ -28,6 +31,23 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # the learning rate of each optimizer step (areal_core.lr_schedule); reference-system names
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine
+    warmup_steps_proportion: float = 0.0  # share of all optimizer steps spent warming up
+    min_lr_ratio: float = 0.0  # linear/cosine decay ends at lr * min_lr_ratio
+
+
+@attrs.frozen
+class NormConfig:
+    """Centring and scaling of rewards (per sample) or advantages (per token), as in the
+    reference system: ``(x - mean) / (std + eps)`` over each group or the whole batch.
+    ``mean_level``/``std_level``: group | batch | null (no centring / no scaling)."""
+
+    mean_level: str | None = "group"
+    std_level: str | None = "group"
+    std_unbiased: bool = False  # std with n - 1 (the reference's default) instead of n
+    eps: float = 1e-4
+    group_size: int = 0  # 0: gconfig.n_samples (the only group size a GRPO batch has)
 
 
 @attrs.frozen
@@ -55,6 +75,34 @@ class ActorConfig:
     max_tokens_per_microbatch: int = 8192
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1  # engines with tensor parallelism (megatron)
+    # --- the PPO/GRPO objective (reference-system names; areal_core.grpo.loss, docs/rl-options.md)
+    ppo_n_minibatches: int = 1  # optimizer steps per batch
+    recompute_logprob: bool = False  # trainer's pre-update log-probs as the old policy (implied below)
+    use_decoupled_loss: bool = False  # clip against the trainer's proximal policy, weight by prox/behav
+    behav_imp_weight_cap: float | None = None  # decoupled: tokens whose prox/behav exceeds it are dropped
+    eps_clip: float = 0.2
+    eps_clip_higher: float | None = None  # DAPO clip-higher: upper bound 1 + eps_clip_higher
+    c_clip: float | None = None  # dual clip for negative advantages (> 1)
+    kl_ctl: float = 0.0  # k3 KL to the base policy (adapter disabled)
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    # --- rewards and advantages
+    reward_scaling: float = 1.0  # reward -> (reward + reward_bias) * reward_scaling, then clipped
+    reward_bias: float = 0.0
+    reward_clip: float = 20.0
+    reward_norm: NormConfig | None = attrs.field(factory=NormConfig)  # null: raw rewards
+    adv_norm: NormConfig | None = None  # e.g. {mean_level: batch, std_level: batch}, over tokens
+    overlong_reward_penalty: bool = False  # DAPO soft penalty over the last overlong_tokens
+    overlong_tokens: int | None = None
+    overlong_penalty_factor: float | None = None
+    # --- DAPO dynamic sampling: groups with equal rewards dropped, refilled from the stream
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4  # refill rounds per step before training on what there is
+
+    @property
+    def uses_recomputed_logprobs(self) -> bool:
+        """The trainer scores each batch before its update: asked for, or needed by the decoupled
+        loss or by several minibatches (later minibatches' old policy must be pre-update)."""
+        return self.recompute_logprob or self.use_decoupled_loss or self.ppo_n_minibatches > 1
 
     @property
     def resolved_target_modules(self) -> list[str]:
@@ -107,10 +155,10 @@ class TrainConfig:
     # after each load: are the served weights the trainer's adapter? (areal_core.agreement)
     # YAML reads a bare `off` as false: that means "off" here
     agreement: str = attrs.field(default="stop", metadata={"yaml_false": "off"})  # stop | warn | off
-    ppo_clip: float = 0.2
-    kl_coef: float = 0.0
     keep_adapters: int = 0  # adapter directories kept on disk (0 = all)
-    checkpoint_every: int = 0  # steps between checkpoints (0 = at the end only)
+    checkpoint_every: int = 10  # steps between checkpoints (0: only at the end and on a stop)
+    checkpoint_every_seconds: float = 0.0  # also checkpoint when this long passed since the last (0: off)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk (0 = all)
     collective_timeout: float = 600.0  # seconds a rank waits in a collective for the others
 
 

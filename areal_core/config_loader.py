@@ -10,6 +10,7 @@ that the remaining checks can still run and report their own errors.
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,20 @@ def _type_name(tp: Any) -> str:
     return f"{origin.__name__}[{args}]"
 
 
+def _optional(tp: Any) -> tuple[bool, Any]:
+    """(None allowed, the type without None) of ``X | None``; ``(False, tp)`` otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(typing.get_args(tp)):
+            return True, args[0]
+    return False, tp
+
+
 def _convert_scalar(value: Any, tp: Any) -> tuple[bool, Any]:
     """(ok, converted) for the scalar and container types the config tree uses."""
+    nullable, tp = _optional(tp)
+    if nullable and value is None:
+        return True, None
     origin = typing.get_origin(tp)
     if tp is bool:
         return (isinstance(value, bool), value)
@@ -75,6 +88,22 @@ RETIRED_KEYS = {
         "derives its threshold from the dtype and judges the served weights against the base model "
         "and the previous version (docs/agreement.md)",
         "delete the key; use train.agreement=stop|warn|off to choose what an alarm does"),
+    "train.ppo_clip": (
+        "moved: the PPO settings live under actor, with the reference system's names",
+        "write actor.eps_clip (the same clip range; actor.eps_clip_higher sets an asymmetric upper bound)"),
+    "train.kl_coef": (
+        "moved: the PPO settings live under actor, with the reference system's names",
+        "write actor.kl_ctl (the same coefficient of the k3 KL to the base policy)"),
+}
+
+#: The reference system's names of settings this project spells otherwise.
+REFERENCE_NAMES = {
+    "actor.optimizer.gradient_clipping": "actor.optimizer.grad_clip",
+    "actor.optimizer.beta1": "actor.optimizer.betas (a pair: [beta1, beta2])",
+    "actor.optimizer.beta2": "actor.optimizer.betas (a pair: [beta1, beta2])",
+    "actor.optimizer.type": "nothing: the optimizer is always AdamW; delete the key",
+    "actor.mb_spec": "actor.max_tokens_per_microbatch",
+    "actor.group_size": "gconfig.n_samples",
 }
 
 
@@ -96,6 +125,10 @@ def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
             errors.append(ConfigError(path, value, problem, fix))
             continue
         if key not in fields:
+            if path in REFERENCE_NAMES:
+                errors.append(ConfigError(path, value, "the reference system's name; not a key here",
+                                          f"write {REFERENCE_NAMES[path]}"))
+                continue
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             fix = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else (
                 f"valid keys here: {', '.join(sorted(fields))}")
@@ -104,8 +137,9 @@ def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
         tp = hints[key]
         if value is False and "yaml_false" in fields[key].metadata:  # `key: off` in YAML
             value = fields[key].metadata["yaml_false"]
-        if attrs.has(tp):
-            kwargs[key] = build(tp, value, path, errors)
+        nullable, inner = _optional(tp)
+        if attrs.has(inner):
+            kwargs[key] = None if (nullable and value is None) else build(inner, value, path, errors)
             continue
         ok, converted = _convert_scalar(value, tp)
         if not ok:

@@ -117,7 +117,9 @@ class Engine(Protocol):
 
         The engine splits them into micro-batches by its token budget, calls ``loss_fn`` on each,
         back-propagates, makes the gradient that of the sum of all ranks' losses, clips it and
-        steps the optimizer. Returns at least ``grad_norm``, ``lr`` and the summed metrics.
+        steps the optimizer, at the rate ``areal_core.lr_schedule.learning_rate`` gives its k-th
+        step (k counts this engine's steps, checkpoint included). Returns at least
+        ``grad_norm``, ``lr`` (the rate of this step) and the summed metrics.
         """
 
     def save_checkpoint(self, directory: str) -> None:

@@ -12,7 +12,8 @@ import json
 import re
 from pathlib import Path
 
-from areal_core.config import AGREEMENT_POLICIES, ALL_LINEAR, DTYPES, RunConfig
+from areal_core.config import (AGREEMENT_POLICIES, ALL_LINEAR, DTYPES, LOSS_AGG_MODES, LR_SCHEDULES,
+                               NORM_LEVELS, RunConfig)
 from areal_core.declarations import ENGINE, SERVER
 from areal_core.errors import ConfigError
 from areal_core.registry import Registry
@@ -77,6 +78,13 @@ def check_values(config: RunConfig) -> list[ConfigError]:
            a.optimizer.betas, "Adam betas must lie in [0, 1)", "use e.g. [0.9, 0.99]")
     _check(errors, a.optimizer.weight_decay >= 0, "actor.optimizer.weight_decay",
            a.optimizer.weight_decay, "must be >= 0", "use 0 or a small value such as 0.01")
+    _check(errors, a.optimizer.lr_scheduler_type in LR_SCHEDULES, "actor.optimizer.lr_scheduler_type",
+           a.optimizer.lr_scheduler_type, f"must be one of {', '.join(LR_SCHEDULES)}", "use constant or cosine")
+    _check(errors, 0 <= a.optimizer.warmup_steps_proportion < 1, "actor.optimizer.warmup_steps_proportion",
+           a.optimizer.warmup_steps_proportion, "must lie in [0, 1)", "use e.g. 0.05 (or 0: no warm-up)")
+    _check(errors, 0 <= a.optimizer.min_lr_ratio <= 1, "actor.optimizer.min_lr_ratio",
+           a.optimizer.min_lr_ratio, "must lie in [0, 1]", "use 0 (decay to zero) or e.g. 0.1")
+    errors.extend(check_objective(config))
 
     _check(errors, r.max_head_offpolicyness >= 0, "rollout.max_head_offpolicyness",
            r.max_head_offpolicyness, "must be >= 0", "use 0 for synchronous rollouts")
@@ -118,16 +126,75 @@ def check_values(config: RunConfig) -> list[ConfigError]:
     _check(errors, t.agreement in AGREEMENT_POLICIES, "train.agreement", t.agreement,
            f"must be one of {', '.join(AGREEMENT_POLICIES)}",
            "use stop (the default: a wrong-weights alarm stops the run), warn or off")
-    _check(errors, t.ppo_clip > 0, "train.ppo_clip", t.ppo_clip, "must be > 0", "use 0.2")
-    _check(errors, t.kl_coef >= 0, "train.kl_coef", t.kl_coef, "must be >= 0", "use 0 to disable KL")
     _check(errors, t.keep_adapters >= 0, "train.keep_adapters", t.keep_adapters, "must be >= 0",
            "use 0 to keep every adapter version")
     _check(errors, t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
-           "must be >= 0", "use 0 to checkpoint only at the end")
+           "must be >= 0", "use e.g. 10, or 0 to checkpoint only at the end and on a stop")
+    _check(errors, t.checkpoint_every_seconds >= 0, "train.checkpoint_every_seconds",
+           t.checkpoint_every_seconds, "must be >= 0", "use e.g. 1800, or 0 for steps only")
+    _check(errors, t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints,
+           "must be >= 0", "use e.g. 3, or 0 to keep every checkpoint")
     _check(errors, t.collective_timeout > 0, "train.collective_timeout", t.collective_timeout,
            "must be > 0 seconds", "use e.g. 600; a rank that stops answering is detected after this long")
     _check(errors, bool(config.output_dir), "output_dir", config.output_dir, "must be set",
            "give a directory for the run, e.g. runs/my-run")
+    return errors
+
+
+def _check_norm(errors: list[ConfigError], norm, key: str, n_samples: int) -> None:
+    if norm is None:
+        return
+    for level in ("mean_level", "std_level"):
+        value = getattr(norm, level)
+        _check(errors, value is None or value in NORM_LEVELS, f"{key}.{level}", value,
+               f"must be {', '.join(NORM_LEVELS)} or null", "use group (GRPO), batch, or null")
+    _check(errors, norm.eps > 0, f"{key}.eps", norm.eps, "must be > 0", "use e.g. 1e-5")
+    _check(errors, norm.group_size in (0, n_samples), f"{key}.group_size", norm.group_size,
+           f"a group is the gconfig.n_samples ({n_samples}) samples of one prompt",
+           "leave it out (or 0), or set it to gconfig.n_samples")
+
+
+def check_objective(config: RunConfig) -> list[ConfigError]:
+    """The PPO/GRPO objective's settings under ``actor`` (docs/rl-options.md)."""
+    errors: list[ConfigError] = []
+    a, g, t = config.actor, config.gconfig, config.train
+    _check(errors, a.eps_clip > 0, "actor.eps_clip", a.eps_clip, "must be > 0", "use 0.2")
+    _check(errors, a.eps_clip_higher is None or a.eps_clip_higher >= a.eps_clip, "actor.eps_clip_higher",
+           a.eps_clip_higher, f"the upper clip must be >= actor.eps_clip ({a.eps_clip})",
+           "use e.g. 0.28 with eps_clip 0.2 (DAPO), or null for a symmetric clip")
+    _check(errors, a.c_clip is None or a.c_clip > 1, "actor.c_clip", a.c_clip,
+           "the dual clip bound must be > 1", "use e.g. 3.0, or null to disable dual clipping")
+    _check(errors, a.kl_ctl >= 0, "actor.kl_ctl", a.kl_ctl, "must be >= 0", "use 0 to disable KL")
+    _check(errors, a.loss_agg_mode in LOSS_AGG_MODES, "actor.loss_agg_mode", a.loss_agg_mode,
+           f"must be one of {', '.join(LOSS_AGG_MODES)}",
+           "use token-mean (DAPO), seq-mean-token-mean (GRPO) or seq-mean-token-sum-norm (Dr. GRPO)")
+    _check(errors, a.ppo_n_minibatches >= 1, "actor.ppo_n_minibatches", a.ppo_n_minibatches,
+           "must be >= 1", "use 1 (one optimizer step per batch) or e.g. 4")
+    samples = t.batch_size * g.n_samples
+    if a.ppo_n_minibatches > samples:
+        errors.append(ConfigError("actor.ppo_n_minibatches", a.ppo_n_minibatches,
+                                  f"more minibatches than samples in a batch ({samples} = train.batch_size "
+                                  f"x gconfig.n_samples)", "lower ppo_n_minibatches or raise the batch"))
+    if a.behav_imp_weight_cap is not None:
+        _check(errors, a.behav_imp_weight_cap > 1, "actor.behav_imp_weight_cap", a.behav_imp_weight_cap,
+               "the cap on proximal/behaviour weights must be > 1", "use e.g. 5.0 (the reference's GSM8K recipe)")
+        _check(errors, a.use_decoupled_loss, "actor.behav_imp_weight_cap", a.behav_imp_weight_cap,
+               "caps the behaviour weight of the decoupled loss, which is off",
+               "set actor.use_decoupled_loss=true, or leave the cap out")
+    _check(errors, a.reward_scaling > 0, "actor.reward_scaling", a.reward_scaling, "must be > 0", "use 1.0")
+    _check(errors, a.reward_clip > 0, "actor.reward_clip", a.reward_clip, "must be > 0",
+           "use e.g. 20 (rewards are clipped to [-reward_clip, reward_clip])")
+    _check_norm(errors, a.reward_norm, "actor.reward_norm", g.n_samples)
+    _check_norm(errors, a.adv_norm, "actor.adv_norm", g.n_samples)
+    if a.overlong_reward_penalty:
+        tokens, factor = a.overlong_tokens, a.overlong_penalty_factor
+        _check(errors, tokens is not None and 1 <= tokens <= g.max_new_tokens, "actor.overlong_tokens", tokens,
+               f"the penalised tail must be 1..gconfig.max_new_tokens ({g.max_new_tokens}) tokens",
+               "set e.g. a quarter of max_new_tokens")
+        _check(errors, factor is not None and factor > 0, "actor.overlong_penalty_factor", factor,
+               "must be > 0 (the penalty of a completion that reaches max_new_tokens)", "use e.g. 1.0")
+    _check(errors, a.dynamic_sampling_max_rounds >= 1, "actor.dynamic_sampling_max_rounds",
+           a.dynamic_sampling_max_rounds, "must be >= 1", "use e.g. 4 refill rounds per step")
     return errors
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import attrs
 
-from areal_core.grpo.advantages import group_advantages
 from areal_core.interfaces import Sample
 
 
@@ -28,14 +27,15 @@ class TrainItem:
         return len(self.tokens) - self.prompt_len
 
 
-def build_items(groups: list[list[Sample]], rewards: list[list[float]]) -> list[TrainItem]:
-    """One item per sample, with advantages normalised within each prompt's group.
+def build_items(groups: list[list[Sample]], rewards: list[list[float]],
+                advantages: list[list[float]]) -> list[TrainItem]:
+    """One item per sample (``areal_core.grpo.advantages`` gives the advantages).
 
     Samples with no generated token carry no loss and are dropped.
     """
     items = []
-    for samples, group_rewards in zip(groups, rewards):
-        for sample, reward, advantage in zip(samples, group_rewards, group_advantages(group_rewards)):
+    for samples, group_rewards, group_advantages in zip(groups, rewards, advantages):
+        for sample, reward, advantage in zip(samples, group_rewards, group_advantages):
             if not sample.output_ids:
                 continue
             if len(sample.logprobs) != len(sample.output_ids):

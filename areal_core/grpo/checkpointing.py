@@ -40,8 +40,9 @@ class Checkpoints:
         self.root = Path(root)
         self.comm = comm
 
-    def save(self, engine, step: int, version: int, position: int) -> Path:
-        """Collective: every rank calls it; rank 0 assembles and publishes the checkpoint.
+    def save(self, engine, step: int, version: int, position: int, keep: int = 0) -> Path:
+        """Collective: every rank calls it; rank 0 assembles and publishes the checkpoint, then
+        removes all but the ``keep`` newest (0: keeps all; the one ``latest`` names always stays).
 
         :raises CheckpointWriteError: on every rank, when any part could not be written.
         """
@@ -61,6 +62,8 @@ class Checkpoints:
                 shutil.rmtree(final)
             os.rename(staging, final)
             _write_atomic(self.root / "latest", name + "\n")
+            if keep:
+                self._prune(keep, name)
 
         try:
             self.comm.leader_result(prepare)
@@ -80,6 +83,13 @@ class Checkpoints:
                 f"with resume=true"
             ) from exc
         return final
+
+    def _prune(self, keep: int, latest: str) -> None:
+        complete = sorted((p for p in self.root.glob("step-*") if p.name[5:].isdigit()),
+                          key=lambda p: int(p.name[5:]))
+        for path in complete[:-keep]:
+            if path.name != latest:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _latest_name(self) -> str | None:
         try:

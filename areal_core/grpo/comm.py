@@ -32,7 +32,20 @@ def is_peer_failure(error: BaseException) -> bool:
 
 
 class LeaderFailed(ArealError):
-    """Raised on the other ranks when rank 0's part of the work failed (rank 0 raises its own)."""
+    """Raised on the other ranks when rank 0's part of the work failed (rank 0 raises its own).
+
+    ``checkpoint_on_stop`` is rank 0's error's own (see ``stops_with_checkpoint``)."""
+
+    def __init__(self, message: str, checkpoint_on_stop: bool = False):
+        super().__init__(message)
+        self.checkpoint_on_stop = checkpoint_on_stop
+
+
+def stops_with_checkpoint(error: BaseException) -> bool:
+    """Whether ``error`` stops the run with the trainer intact, so that the loop writes a
+    checkpoint of the last completed step first (e.g. a rollout server lost past its restarts).
+    An error class says so with the class attribute ``checkpoint_on_stop = True``."""
+    return bool(getattr(error, "checkpoint_on_stop", False))
 
 
 class Comm:
@@ -92,7 +105,7 @@ class Comm:
                 outcome = ("ok", compute())
             except Exception as exc:
                 error = exc
-                outcome = ("error", f"{type(exc).__name__}: {exc}")
+                outcome = ("error", f"{type(exc).__name__}: {exc}", stops_with_checkpoint(exc))
         try:
             outcome = self.broadcast(outcome)
         except Exception:
@@ -102,7 +115,7 @@ class Comm:
         if outcome[0] == "error":
             if error is not None:
                 raise error
-            raise LeaderFailed(f"rank 0 stopped the run: {outcome[1]}")
+            raise LeaderFailed(f"rank 0 stopped the run: {outcome[1]}", checkpoint_on_stop=outcome[2])
         return outcome[1]
 
     def _wait_for_leader(self, key: str) -> None:

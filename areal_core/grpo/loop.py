@@ -35,14 +35,16 @@ from areal_core.errors import AdapterError, AgreementError, ArealError, ServerUn
 from areal_core.grpo.agreement_monitor import AgreementMonitor
 from areal_core.grpo.batch import shard_for_rank
 from areal_core.grpo.checkpointing import Checkpoints
-from areal_core.grpo.comm import Comm, LeaderFailed, is_peer_failure
-from areal_core.grpo.loss import make_grpo_loss
+from areal_core.grpo.comm import Comm, LeaderFailed, is_peer_failure, stops_with_checkpoint
+from areal_core.grpo.loss import STAT_KEYS, Objective, make_grpo_loss, objective_metrics, sequence_scales
 from areal_core.grpo.mismatch import MismatchMeter, mismatch_metrics
 from areal_core.grpo.publisher import AdapterPublisher
 from areal_core.grpo.rollout_producer import RolloutProducer
 from areal_core.grpo.run_dir import RunDirectory
+from areal_core.grpo.stop_request import STOP
 from areal_core.grpo.server_recovery import ServerLostError, ServerRecovery, copy_adapter_as_version, say_on_stderr
 from areal_core.interfaces import Engine, SamplingParams
+from areal_core.lr_schedule import learning_rate, total_optimizer_steps
 from areal_core.registry import Registry
 
 
@@ -55,6 +57,12 @@ class ExportFailed(ArealError):
 
 class AgreementStopped(AgreementError):
     """Twice in a row the server's scores did not match the trainer's adapter; the run stopped."""
+
+
+class RunInterrupted(ArealError):
+    """Ctrl-C during the steps: every rank stopped before the next step, with a checkpoint."""
+
+    checkpoint_on_stop = True
 
 
 class GRPOLoop:
@@ -78,6 +86,7 @@ class GRPOLoop:
             raise ValueError("rank 0 needs the rollout publisher")
         self.resume_command = resume_command
         self.agreement = config.train.agreement
+        self.objective = Objective.from_actor(config.actor)
         # The server scores a sequence of at most max_model_len tokens (one left for generation).
         self.probe = probe_sequences(dataset.eval_records(), PROBE_TOKENS, config.rollout.max_model_len - 1)
         self.monitor: AgreementMonitor | None = None
@@ -86,9 +95,13 @@ class GRPOLoop:
         self.position = 0
         self.rollout_restarts = 0  # producers replaced (after a server loss or a reload)
         self.unwritten: dict | None = None  # the last step's record, waiting for its version's check
+        self.warned_short = False  # dynamic sampling fell short of a full batch (said once)
         self.bar = None  # rank 0's progress bar
         self.producer: RolloutProducer | None = None
         self.checkpoints = Checkpoints(run_dir.checkpoints, comm)
+        self.completed_step = 0  # the last step whose update the engine holds
+        self.checkpointed_step = 0  # the step of the newest checkpoint written or restored
+        self.last_checkpoint_at = time.monotonic()
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self.recovery: ServerRecovery | None = None
@@ -187,7 +200,7 @@ class GRPOLoop:
 
     def stop_on_agreement(self, outcome: dict, completed_step: int) -> None:
         """Every rank: after a second alarm, checkpoint ``completed_step`` and stop the run."""
-        self.checkpoints.save(self.engine, completed_step, outcome["checkpoint_version"], self.position)
+        self._save_checkpoint(completed_step, outcome["checkpoint_version"])
         if self.comm.is_leader:
             raise AgreementStopped(outcome["stop"])
         raise LeaderFailed(f"rank 0 stopped the run: {outcome['stop']}")
@@ -330,26 +343,70 @@ class GRPOLoop:
 
     # --- one step ---------------------------------------------------------------------------------
 
-    def train_on(self, items) -> dict:
-        t = self.config.train
-        mine = shard_for_rank(items, self.comm.rank, self.comm.world_size)
-        total_tokens = sum(item.num_completion_tokens for item in items)
-        sequences = [list(item.tokens) for item in mine]
-        reference = None
-        if t.kl_coef > 0:
-            reference = self.engine.compute_logprobs(sequences, disable_adapter=True)
+    def train_on(self, items, step: int) -> dict:
+        """``actor.ppo_n_minibatches`` optimizer steps on the batch ``items`` (every rank's list).
+
+        Minibatch m is items m, m + n, ...; each rank trains on its share of each. When the
+        objective needs them, the trainer's pre-update log-probabilities of all of this rank's
+        items are computed first, in one forward (the proximal policy), and the base model's
+        for the KL term.
+        """
+        actor = self.config.actor
+        n = actor.ppo_n_minibatches
+        minibatches = [items[m::n] for m in range(n)]
+        mine = [shard_for_rank(mb, self.comm.rank, self.comm.world_size) for mb in minibatches]
+        every = [list(item.tokens) for share in mine for item in share]
+        proximal = reference = None
+        timer = time.perf_counter()
+        if actor.uses_recomputed_logprobs:
+            proximal = self.engine.compute_logprobs(every)
+        if actor.kl_ctl > 0:
+            reference = self.engine.compute_logprobs(every, disable_adapter=True)
+        recompute_seconds = time.perf_counter() - timer
         meter = MismatchMeter()
-        loss_fn = make_grpo_loss(mine, total_tokens=max(total_tokens, 1), clip=t.ppo_clip,
-                                 kl_coef=t.kl_coef, reference_logprobs=reference,
-                                 mismatch=meter, mismatch_version=self.version)
-        result = self.engine.train_step(sequences, loss_fn)
-        local = {k: result.get(k, 0.0) for k in ("loss", "clip_fraction", "kl")}
-        summed = self.comm.sum({**local, **meter.sums()})
+        sums = {key: 0.0 for key in ("loss", *STAT_KEYS)}
+        grad_norms, rates, start = [], [], 0
+        for minibatch, share in zip(minibatches, mine):
+            scales = sequence_scales([item.num_completion_tokens for item in minibatch], actor.loss_agg_mode,
+                                     self.config.gconfig.max_new_tokens)
+            mine_scales = shard_for_rank(scales, self.comm.rank, self.comm.world_size)
+            end = start + len(share)
+            loss_fn = make_grpo_loss(
+                share, objective=self.objective, scales=mine_scales,
+                proximal=proximal[start:end] if proximal is not None else None,
+                reference=reference[start:end] if reference is not None else None,
+                mismatch=meter if (proximal is not None or n == 1) else None, mismatch_version=self.version)
+            start = end
+            result = self.engine.train_step([list(item.tokens) for item in share], loss_fn)
+            for key in sums:
+                sums[key] += result.get(key, 0.0)
+            grad_norms.append(result.get("grad_norm"))
+            rates.append(result.get("lr"))
+        summed = self.comm.sum({**sums, **meter.sums()})
         largest = self.comm.max({"mismatch_max_abs": meter.max_abs})["mismatch_max_abs"]
-        metrics = {k: summed[k] for k in local}
+        metrics = {"loss": summed["loss"] / n, **objective_metrics(summed, actor.use_decoupled_loss)}
         metrics.update(mismatch_metrics(summed, largest))
-        metrics["grad_norm"] = result.get("grad_norm")
+        norms = [g for g in grad_norms if g is not None]
+        metrics["grad_norm"] = sum(norms) / len(norms) if norms else None  # mean over the minibatches
+        metrics["lr"] = rates[0]  # the rate of the step's first optimizer step
+        if proximal is not None or reference is not None:
+            metrics["recompute_seconds"] = recompute_seconds
+        self._check_learning_rates(rates, step)
         return metrics
+
+    def _check_learning_rates(self, rates: list, step: int) -> None:
+        """An engine that does not follow ``actor.optimizer``'s schedule is refused at once."""
+        opt = self.config.actor.optimizer
+        total = total_optimizer_steps(self.config)
+        first = (step - 1) * self.config.actor.ppo_n_minibatches
+        for k, rate in enumerate(rates):
+            expected = learning_rate(opt, first + k, total)
+            if rate is None or abs(rate - expected) > 1e-6 * expected:
+                raise ArealError(
+                    f"engine {self.config.actor.backend!r} stepped at lr {rate} where actor.optimizer's "
+                    f"schedule ({opt.lr_scheduler_type}, warm-up {opt.warmup_steps_proportion}) gives "
+                    f"{expected:.6g} for optimizer step {first + k}; the engine must set the rate of each "
+                    f"step from areal_core.lr_schedule (Engine.train_step's contract)")
 
     def _next_payload(self, step: int) -> dict:
         """Rank 0: the batch of ``step``, once every version that could have made it passed its
@@ -362,8 +419,13 @@ class GRPOLoop:
             if "stop" in outcome:
                 return {"agreement_stop": outcome, "agreement": outcome["metrics"]}
             agreement = outcome["metrics"] or agreement
+            if STOP.requested:
+                return {"interrupted": True, "agreement": agreement}
             if payload is None or made_by != self.rollout_restarts:  # none yet, or from a dropped producer
-                payload = self._on_server(lambda: self.producer.next_batch(), step)  # a recovery replaces it
+                # a recovery replaces the producer; a Ctrl-C ends the wait
+                payload = self._on_server(lambda: self.producer.next_batch(give_up=lambda: STOP.requested), step)
+                if payload is None:
+                    return {"interrupted": True, "agreement": agreement}
                 made_by = self.rollout_restarts
             if self.monitor is None or self.monitor.pending_version is None:
                 break  # a version loaded while the batch was made (a recovery) is checked first
@@ -388,6 +450,8 @@ class GRPOLoop:
         self._write_record({**self.unwritten, **payload["agreement"]} if self.unwritten else None)
         if "agreement_stop" in payload:
             self.stop_on_agreement(payload["agreement_stop"], completed_step=step - 1)
+        if "interrupted" in payload:
+            raise RunInterrupted(f"interrupted (Ctrl-C) before step {step}")
         assert payload["step"] == step, f"batch of step {payload['step']} arrived at step {step}"
         self.version = payload["live_version"]  # newer than this rank knew after a server recovery
         self.position = payload["position"]
@@ -396,7 +460,8 @@ class GRPOLoop:
         # Rank 0: from its batch in hand to the start of training (pickling, broadcast, the other
         # ranks' lag in joining it).
         handoff_seconds = max(0.0, train_started - started - payload["rollout_wait_seconds"])
-        train_metrics = self.train_on(payload["items"])
+        train_metrics = self.train_on(payload["items"], step)
+        self.completed_step = step
         train_seconds = time.perf_counter() - timer
         train_finished = time.time()
         sync = self.export_and_publish(self.version + 1, step)
@@ -422,6 +487,17 @@ class GRPOLoop:
         }
         if self.recovery is not None:
             record["server_recoveries"] = self.recovery.recoveries
+        if "dropped_groups" in payload:
+            record.update({k: payload[k] for k in ("dropped_groups", "refill_rounds", "dynamic_sampling_short")})
+            if payload["dynamic_sampling_short"] and not self.warned_short and self.comm.is_leader:
+                self.warned_short = True
+                say_on_stderr(
+                    f"areal train: dynamic sampling: step {step} trains on "
+                    f"{self.config.train.batch_size - payload['dynamic_sampling_short']} of "
+                    f"{self.config.train.batch_size} groups: the others had equal rewards in every one of "
+                    f"{self.config.actor.dynamic_sampling_max_rounds} refill rounds (raise "
+                    f"actor.dynamic_sampling_max_rounds; metrics.jsonl's dynamic_sampling_short counts "
+                    f"them at every step; said once)")
         # every rank knows which steps these are: no broadcast on the other steps
         if not (self._eval_due(step) or self._checkpoint_due(step)):
             record["step_seconds"] = time.time() - started
@@ -474,6 +550,7 @@ class GRPOLoop:
             state = self.checkpoints.restore(self.engine)
             if state is not None:
                 first_step = state["step"] + 1
+                self.completed_step = self.checkpointed_step = state["step"]
                 self.position = state["position"]
                 version = self.comm.broadcast(
                     self._first_version_after_resume(state["version"]) if self.comm.is_leader else None)
@@ -501,11 +578,47 @@ class GRPOLoop:
             n_samples=self.config.gconfig.n_samples, sampling=self.sampling(),
             max_offpolicyness=self.config.rollout.max_head_offpolicyness,
             first_step=first_step, last_step=self.config.train.steps, position=position,
-            seed=self.config.train.seed)
+            seed=self.config.train.seed, actor=self.config.actor)
 
     def _checkpoint_due(self, step: int) -> bool:
-        every = self.config.train.checkpoint_every
-        return step == self.config.train.steps or bool(every and step % every == 0)
+        """At the end, every ``checkpoint_every`` steps, and once ``checkpoint_every_seconds``
+        passed since the last (rank 0's clock decides; every rank knows the other rules)."""
+        t = self.config.train
+        if step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            return True
+        if not t.checkpoint_every_seconds:
+            return False
+        return bool(self.comm.broadcast(time.monotonic() - self.last_checkpoint_at >= t.checkpoint_every_seconds))
+
+    def _save_checkpoint(self, step: int, version: int | None = None) -> None:
+        """Collective: the checkpoint of completed ``step`` (its record is written first)."""
+        if self.comm.is_leader and self.unwritten is not None and self.unwritten["step"] <= step:
+            self.run_dir.append_metrics(self.unwritten)  # a resume keeps the records up to its step
+            self.unwritten = None
+        self.checkpoints.save(self.engine, step, self.version if version is None else version, self.position,
+                              keep=self.config.train.keep_checkpoints)
+        self.checkpointed_step = step
+        self.last_checkpoint_at = time.monotonic()
+
+    def _checkpoint_before_stop(self, error: BaseException) -> None:
+        """Every rank, on a stop the loop controls: the checkpoint of the last completed step
+        (unless there is one already), then the error again with where to continue from."""
+        step = self.completed_step
+        if step > self.checkpointed_step:
+            self._save_checkpoint(step)
+            kept = f"a checkpoint of step {step} (the last completed) is written"
+        elif step > 0:
+            kept = f"the checkpoint of step {step} (the last completed) is intact"
+        else:
+            kept = "no step was completed, so there is nothing to checkpoint"
+        message = f"{error}. {kept}; continue with: {self.resume_command}"
+        if isinstance(error, LeaderFailed):
+            raise LeaderFailed(message) from error
+        try:
+            again = type(error)(message)
+        except TypeError:  # an error class that takes other arguments
+            again = ArealError(message)
+        raise again from error
 
     def _progress(self, record: dict) -> dict:
         postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",
@@ -518,25 +631,32 @@ class GRPOLoop:
 
     def run(self) -> dict:
         steps = self.config.train.steps
-        first_step = self._start()
-        if self.comm.is_leader:
-            self.producer = self._new_producer(first_step, self.position)
-            self.producer.version_live(self.version, first_step - 1)
-            self.producer.start()
-        if self.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, initial=first_step - 1, desc="GRPO", unit="step", dynamic_ncols=True)
         try:
+            first_step = self._start()
+            if self.comm.is_leader:
+                self.producer = self._new_producer(first_step, self.position)
+                self.producer.version_live(self.version, first_step - 1)
+                self.producer.start()
+            if self.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=steps, initial=first_step - 1, desc="GRPO", unit="step", dynamic_ncols=True)
             if self.comm.is_leader:
                 # While the first batch is generated; it also pays the one-off import of
                 # matplotlib (~0.6 s) here rather than in a step.
                 self.run_dir.plot()
+            STOP.accepting = True
             for step in range(first_step, steps + 1):
                 self.step(step)
                 if self._checkpoint_due(step):
-                    self.checkpoints.save(self.engine, step, self.version, self.position)
+                    self._save_checkpoint(step)
+        except BaseException as exc:
+            STOP.accepting = False
+            if stops_with_checkpoint(exc):
+                self._checkpoint_before_stop(exc)
+            raise
         finally:
+            STOP.accepting = False
             if self.producer is not None:
                 self.producer.stop()
             if self.monitor is not None:

@@ -33,6 +33,8 @@ from areal_core.interfaces import ExportedAdapter
 class ServerLostError(ServerUnreachableError):
     """The rollout server died or went away and could not be brought back."""
 
+    checkpoint_on_stop = True  # the trainer is intact: the loop checkpoints before it stops
+
 
 def copy_adapter_as_version(source: Path, destination: Path, version: int) -> ExportedAdapter:
     """Write the adapter at ``source`` again, as ``version``, at ``destination`` (atomically).
@@ -102,8 +104,8 @@ class ServerRecovery:
             if self.recoveries >= self.max_restarts:
                 raise ServerLostError(
                     f"the rollout server died or went away ({_first_line(error)}) and "
-                    f"rollout.max_restarts={self.max_restarts} recoveries are used up; the run stopped. "
-                    f"Its last checkpoint is intact: fix the server and continue with resume=true"
+                    f"rollout.max_restarts={self.max_restarts} recoveries are used up; the run stopped "
+                    f"(fix the server, or raise rollout.max_restarts)"
                 ) from error
             self.recoveries += 1
             started = time.time()
@@ -152,9 +154,8 @@ class ServerRecovery:
                 raise ServerLostError(
                     f"the rollout server given by address went away ({_first_line(error)}) and did "
                     f"not answer again within rollout.startup_timeout={self.startup_timeout:g} s "
-                    f"({probes} probes with doubling delays); the run stopped. Its last checkpoint "
-                    f"is intact: bring the server back (or fix rollout.servers) and continue with "
-                    f"resume=true"
+                    f"({probes} probes with doubling delays); the run stopped (bring the server "
+                    f"back, or fix rollout.servers)"
                 ) from error
             time.sleep(min(delay, max(self.startup_timeout - waited, 0.0)))
             delay *= 2

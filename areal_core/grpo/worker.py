@@ -62,9 +62,18 @@ _interrupted = False
 
 def _raise_interrupted(signum, frame) -> None:
     """Ctrl-C: remembered, so that the rank says so even when what surfaces is the failure of a
-    collective that the other rank, interrupted at the same moment, left."""
+    collective that the other rank, interrupted at the same moment, left. While the loop runs
+    its steps, the first one asks it to stop with a checkpoint instead (``stop_request``)."""
+    from areal_core.grpo.stop_request import STOP
+
     global _interrupted
     _interrupted = True
+    if STOP.request():
+        if os.environ.get("RANK", "0") == "0":
+            print("areal train: Ctrl-C: stopping before the next step is trained, with a checkpoint of the "
+                  "last completed one",
+                  file=sys.stderr, flush=True)
+        return
     raise KeyboardInterrupt
 
 
@@ -195,6 +204,11 @@ def _report_failure(exc: BaseException) -> int:
 
     rank = os.environ.get("RANK", "0")
     prefix = f"areal train: rank {rank}:"
+    from areal_core.grpo.loop import RunInterrupted
+
+    if isinstance(exc, RunInterrupted) and rank == "0":
+        print(f"{prefix} {exc}; the servers it launched are stopped", file=sys.stderr)
+        return 130
     if isinstance(exc, KeyboardInterrupt) or _interrupted:
         print(f"{prefix} interrupted (Ctrl-C); the servers it launched are stopped", file=sys.stderr)
         return 130

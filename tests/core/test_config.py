@@ -99,9 +99,32 @@ BAD_VALUES = [
     ("train.steps=0", "train.steps", ">= 1"),
     ("train.batch_size=0", "train.batch_size", ">= 1"),
     ("train.agreement=sometimes", "train.agreement", "one of stop, warn, off"),
-    ("train.ppo_clip=0", "train.ppo_clip", "> 0"),
-    ("train.kl_coef=-0.1", "train.kl_coef", ">= 0"),
+    ("actor.eps_clip=0", "actor.eps_clip", "> 0"),
+    ("actor.eps_clip_higher=0.1", "actor.eps_clip_higher", ">= actor.eps_clip"),
+    ("actor.c_clip=1.0", "actor.c_clip", "> 1"),
+    ("actor.kl_ctl=-0.1", "actor.kl_ctl", ">= 0"),
+    ("actor.loss_agg_mode=sum", "actor.loss_agg_mode", "one of token-mean"),
+    ("actor.ppo_n_minibatches=0", "actor.ppo_n_minibatches", ">= 1"),
+    ("actor.ppo_n_minibatches=1000", "actor.ppo_n_minibatches", "more minibatches than samples"),
+    ("actor.behav_imp_weight_cap=5", "actor.behav_imp_weight_cap", "decoupled loss, which is off"),
+    ("actor.reward_scaling=0", "actor.reward_scaling", "> 0"),
+    ("actor.reward_norm.mean_level=prompt", "actor.reward_norm.mean_level", "group, batch or null"),
+    ("actor.reward_norm.group_size=3", "actor.reward_norm.group_size", "gconfig.n_samples"),
+    ("actor.overlong_reward_penalty=true", "actor.overlong_tokens", "1..gconfig.max_new_tokens"),
+    ("actor.dynamic_sampling_max_rounds=0", "actor.dynamic_sampling_max_rounds", ">= 1"),
+    ("actor.optimizer.lr_scheduler_type=step", "actor.optimizer.lr_scheduler_type", "one of constant"),
+    ("actor.optimizer.warmup_steps_proportion=1", "actor.optimizer.warmup_steps_proportion", "[0, 1)"),
+    ("actor.optimizer.min_lr_ratio=2", "actor.optimizer.min_lr_ratio", "[0, 1]"),
+    ("train.checkpoint_every_seconds=-1", "train.checkpoint_every_seconds", ">= 0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints", ">= 0"),
 ]
+
+
+@pytest.mark.parametrize("old,new", [("train.ppo_clip", "actor.eps_clip"), ("train.kl_coef", "actor.kl_ctl"),
+                                     ("actor.optimizer.gradient_clipping", "actor.optimizer.grad_clip")])
+def test_moved_and_reference_keys_name_the_key_to_write(old, new):
+    _, errors = load_config(None, [f"{old}=0.3"])
+    assert len(errors) == 1 and errors[0].key == old and new in errors[0].fix
 
 
 @pytest.mark.parametrize("override,key,words", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])

@@ -19,6 +19,7 @@ from areal_core import hookimpl
 from areal_core.adapter_format import peft_key, write_peft_adapter
 from areal_core.declarations import BackendDeclaration, LoraStatus, LoraSupport
 from areal_core.interfaces import Sample
+from areal_core.lr_schedule import learning_rate, total_optimizer_steps
 
 VOCAB = 8
 MODULE = "model.head"
@@ -30,8 +31,12 @@ class StandInEngine:
     world_size = 1
 
     def __init__(self, lr=20.0, train_delay=0.0):
+        """``lr``: the SGD rate; the loop's config must say it (``actor.optimizer.lr``) and sets
+        ``config``, whose schedule the stand-in follows as a real engine does."""
         self.theta = None
         self.lr = lr
+        self.config = None
+        self.step = 0
         self.optimizer = None
         self.calls = []
         self.train_delay = train_delay
@@ -51,16 +56,22 @@ class StandInEngine:
         self.calls.append(("train", len(sequences)))
         time.sleep(self.train_delay)
         self.optimizer.zero_grad()
+        rate = self.lr
+        if self.config is not None:
+            rate = learning_rate(self.config.actor.optimizer, self.step, total_optimizer_steps(self.config))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
         metrics = {}
         if sequences:
             loss, metrics = loss_fn([self._logprobs(s, self.theta) for s in sequences], list(range(len(sequences))))
             loss.backward()
             self.optimizer.step()
-        return {"grad_norm": 0.0, "lr": self.lr, **metrics}
+        self.step += 1
+        return {"grad_norm": 0.0, "lr": rate, **metrics}
 
     def save_checkpoint(self, directory):
         os.makedirs(directory)
-        torch.save({"theta": self.theta.detach(), "optimizer": self.optimizer.state_dict()},
+        torch.save({"theta": self.theta.detach(), "optimizer": self.optimizer.state_dict(), "step": self.step},
                    os.path.join(directory, "state.pt"))
 
     def load_checkpoint(self, directory):
@@ -68,6 +79,7 @@ class StandInEngine:
         with torch.no_grad():
             self.theta.copy_(state["theta"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
 
     def close(self):
         self.calls.append("close")

@@ -2,6 +2,8 @@
 
 import json
 
+import attrs
+
 import pytest
 import torch
 
@@ -22,6 +24,10 @@ def make_loop(tmp_path, server=None, engine=None, **overrides):
         "rollout.max_head_offpolicyness=0", f"output_dir={tmp_path / 'run'}", "rollout.max_model_len=40",
         *[f"{k}={v}" for k, v in overrides.items()]])
     engine, server = engine or StandInEngine(), server or StandInServer()
+    if "actor.optimizer.lr" not in overrides:
+        config = attrs.evolve(config, actor=attrs.evolve(
+            config.actor, optimizer=attrs.evolve(config.actor.optimizer, lr=engine.lr)))
+    engine.config = config
     registry = Registry(entry_points=[], extra_plugins=[("standin", StandInPlugin(engine, server))])
     registry.call("areal_inject_adapter", "standin", engine=engine, actor=config.actor)
     registry.call("areal_shard_model", "standin", engine=engine, actor=config.actor)

@@ -47,7 +47,7 @@ def test_example_has_the_reference_lora_keys_and_gpu_settings():
     assert a.lora_rank >= 8 and a.lora_alpha > 0 and a.optimizer.lr > 0
     assert (a.device, a.dtype, a.world_size, r.dtype) == ("cuda", "bfloat16", 8, "bfloat16")
     assert a.path == "models/Qwen2.5-1.5B-Instruct"
-    assert g.n_samples >= 2 and g.max_new_tokens == 512 and g.lora_name and t.ppo_clip > 0
+    assert g.n_samples >= 2 and g.max_new_tokens == 512 and g.lora_name and a.eps_clip > 0
     assert (config.dataset.name, config.reward.name) == ("gsm8k", "gsm8k")
     options = config.dataset.options
     assert (options["path"], options["eval_path"]) == ("data/gsm8k/train.jsonl", "data/gsm8k/test.jsonl")

@@ -25,6 +25,7 @@ from areal_core.config import ActorConfig, RunConfig
 from areal_core.errors import AdapterError, ArealError
 from areal_core.host_allocator import return_freed_tensors_to_the_system
 from areal_core.interfaces import LossFn
+from areal_core.lr_schedule import learning_rate, total_optimizer_steps
 from areal_core.microbatching import plan_microbatches
 
 from areal_fsdp2 import (
@@ -276,6 +277,8 @@ class FSDP2Engine:
         distributed.sum_replicated_gradients(params, self.device)
         grad_norm = optimizer.clip_grad_norm(params, self.actor.optimizer.grad_clip, self.device)
         skipped = not math.isfinite(grad_norm)
+        optimizer.set_learning_rate(self.optimizer, learning_rate(
+            self.actor.optimizer, self.step, total_optimizer_steps(self.config)))
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,12 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, config: OptimizerCon
                      weight_decay=config.weight_decay)
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The rate of the coming step (``areal_core.lr_schedule``) on every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def clip_grad_norm(
     params: list[torch.nn.Parameter], max_norm: float, device: torch.device
 ) -> float:

@@ -27,6 +27,7 @@ from areal_core.config import RunConfig
 from areal_core.errors import AdapterError, ArealError
 from areal_core.host_allocator import return_freed_tensors_to_the_system
 from areal_core.interfaces import ExportedAdapter, LossFn
+from areal_core.lr_schedule import learning_rate, total_optimizer_steps
 from areal_core.microbatching import plan_microbatches
 from areal_megatron import batching, checkpoint, cpu_mode, lora, model_builder, peft_export
 from areal_megatron.distributed import gather_tp_objects, init_parallel, release, resolve_device
@@ -170,6 +171,9 @@ class MegatronEngine:
             grads = [upstream[u].to(logprobs[k].device) for k, u in enumerate(group)]
             torch.autograd.backward(logprobs, grads)
         grad_norm = self._reduce_and_clip()
+        rate = learning_rate(self.actor.optimizer, self.steps, total_optimizer_steps(self.config))
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = rate
         self.optimizer.step()
         for param in self.trainable:
             param.grad = None
