@@ -96,6 +96,7 @@ class GRPOLoop:
         self.rollout_restarts = 0  # producers replaced (after a server loss or a reload)
         self.unwritten: dict | None = None  # the last step's record, waiting for its version's check
         self.warned_short = False  # dynamic sampling fell short of a full batch (said once)
+        self.in_flight: dict | None = None  # the record of a step trained but not yet published
         self.bar = None  # rank 0's progress bar
         self.producer: RolloutProducer | None = None
         self.checkpoints = Checkpoints(run_dir.checkpoints, comm)
@@ -464,10 +465,9 @@ class GRPOLoop:
         self.completed_step = step
         train_seconds = time.perf_counter() - timer
         train_finished = time.time()
-        sync = self.export_and_publish(self.version + 1, step)
         record = {
             "step": step,
-            "version": self.version,
+            "version": self.version + 1,  # the version this update is exported as
             "rollout_versions": payload["rollout_versions"],
             "reward_mean": payload["reward_mean"],
             "accuracy": payload["accuracy"],
@@ -483,8 +483,12 @@ class GRPOLoop:
             "data_position": self.position,
             "started_at": started,
             **train_metrics,
-            **sync,
         }
+        # A stop while this version is exported or loaded checkpoints this step: its record goes first.
+        self.in_flight = record
+        record.update(self.export_and_publish(self.version + 1, step))
+        record["version"] = self.version  # newer than exported after a server recovery
+        self.in_flight = None
         if self.recovery is not None:
             record["server_recoveries"] = self.recovery.recoveries
         if "dropped_groups" in payload:
@@ -592,9 +596,12 @@ class GRPOLoop:
 
     def _save_checkpoint(self, step: int, version: int | None = None) -> None:
         """Collective: the checkpoint of completed ``step`` (its record is written first)."""
-        if self.comm.is_leader and self.unwritten is not None and self.unwritten["step"] <= step:
-            self.run_dir.append_metrics(self.unwritten)  # a resume keeps the records up to its step
-            self.unwritten = None
+        if self.comm.is_leader:  # a resume keeps the records up to its step: each is written first
+            if self.unwritten is not None and self.unwritten["step"] <= step:
+                self.run_dir.append_metrics(self.unwritten)
+            if self.in_flight is not None and self.in_flight["step"] == step:
+                self.run_dir.append_metrics({**self.in_flight, "published": False})
+        self.unwritten = self.in_flight = None
         self.checkpoints.save(self.engine, step, self.version if version is None else version, self.position,
                               keep=self.config.train.keep_checkpoints)
         self.checkpointed_step = step
@@ -611,7 +618,7 @@ class GRPOLoop:
             kept = f"the checkpoint of step {step} (the last completed) is intact"
         else:
             kept = "no step was completed, so there is nothing to checkpoint"
-        message = f"{error}. {kept}; continue with: {self.resume_command}"
+        message = f"{error}; {kept}; continue with: {self.resume_command}"
         if isinstance(error, LeaderFailed):
             raise LeaderFailed(message) from error
         try:

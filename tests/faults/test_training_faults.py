@@ -15,6 +15,7 @@ Each launch is one phase; a phase only acts and collects what happened, the test
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -238,7 +239,10 @@ def test_a_server_given_by_address_that_goes_away_stops_the_run_after_bounded_re
     found = chain.result("address_goes_away")
     assert found["code"] != 0
     assert "did not answer again within rollout.startup_timeout=10 s" in found["output"]
-    assert "last checkpoint is intact" in found["output"]
+    # the stop names the checkpoint of the last completed step (written now, or already there with
+    # train.checkpoint_every=1) and the command that resumes
+    assert re.search(r"checkpoint of step \d+ \(the last completed\) is (written|intact); continue with: "
+                     r"areal train \S+ .*resume=true", found["output"]), found["output"][-3000:]
     outcomes = [e["event"] for e in found["events"] if e["event"] in ("server_lost", "server_recovered")]
     assert outcomes[-1] == "server_lost"  # lost, and not brought back
     checkpoint = chain.out / "checkpoints" / found["latest"]

@@ -153,10 +153,13 @@ def test_checkpoint_every_seconds(tmp_path):
     assert 2 <= len(written) <= 4 and written[-1] == "step-000004", written
 
 
-def test_a_server_lost_past_its_restarts_stops_with_a_checkpoint_of_the_last_step(tmp_path):
+@pytest.mark.parametrize("die_at", [("generate", 4), ("load", 4)], ids=["while-generating", "while-loading"])
+def test_a_server_lost_past_its_restarts_stops_with_a_checkpoint_of_the_last_step(tmp_path, die_at):
+    """Lost while the next batch is generated (the step before is complete), or while a trained
+    step's version is loaded (that step is checkpointed, its record marked unpublished)."""
     from faults.test_recovery_orchestration import DyingServer
 
-    server = DyingServer(die_at=[("generate", 4)])
+    server = DyingServer(die_at=[die_at])
     loop, _, _, run_dir = make_loop(tmp_path, server=server, **{"train.steps": 6, "train.eval_every": 0,
                                                                 "rollout.max_restarts": 0,
                                                                 "train.checkpoint_every": 0})
@@ -165,11 +168,15 @@ def test_a_server_lost_past_its_restarts_stops_with_a_checkpoint_of_the_last_ste
         loop.run()
     step = int(caught.value.args[0].split("a checkpoint of step ")[1].split()[0])
     assert step >= 2 and (run_dir.checkpoints / "latest").read_text().strip() == f"step-{step:06d}"
-    assert max(r["step"] for r in run_dir.read_metrics()) == step  # its record is written too
+    records = run_dir.read_metrics()
+    assert [r["step"] for r in records] == list(range(step + 1))  # its record is written too
+    assert records[-1].get("published", True) is (die_at[0] == "generate")
     resumed, _, _, _ = make_loop(tmp_path, **{"train.steps": 6, "train.eval_every": 0, "resume": "true"})
     resumed.run()
     assert [r["step"] for r in steps(run_dir)] == list(range(1, 7))
     assert all(r["data_position"] == 4 * r["step"] for r in steps(run_dir))
+    versions = [r["version"] for r in run_dir.read_metrics()]
+    assert versions == sorted(set(versions))  # the unpublished version's number is never reused
 
 
 def test_clip_variants_and_aggregations_run_through_the_loop(tmp_path):

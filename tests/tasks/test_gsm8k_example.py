@@ -57,6 +57,23 @@ def test_example_has_the_reference_lora_keys_and_gpu_settings():
     assert options["max_prompt_tokens"] + g.max_new_tokens <= r.max_model_len
 
 
+def test_example_uses_the_reference_recipes_objective():
+    """The settings of the reference system's examples/lora/gsm8k_grpo_lora.yaml that exist here."""
+    config, errors = load_config(EXAMPLE)
+    assert errors == []
+    a = config.actor
+    assert (a.eps_clip, a.kl_ctl, a.ppo_n_minibatches) == (0.4, 0.0, 1)
+    assert (a.recompute_logprob, a.use_decoupled_loss, a.behav_imp_weight_cap) == (True, True, 5.0)
+    assert (a.reward_scaling, a.reward_bias) == (10.0, -0.5)
+    assert (a.reward_norm.mean_level, a.reward_norm.std_level, a.reward_norm.std_unbiased) == ("group", "group", True)
+    assert (a.adv_norm.mean_level, a.adv_norm.std_level) == ("batch", "batch")
+    assert (a.lora_rank, a.lora_alpha) == (32, 16)
+    o = a.optimizer
+    assert (o.lr, o.betas, o.weight_decay, o.grad_clip, o.lr_scheduler_type) == (3e-5, (0.9, 0.999), 0.01, 1.0,
+                                                                                  "constant")
+    assert config.rollout.max_head_offpolicyness == 4
+
+
 def test_example_names_resolve_to_the_gsm8k_task():
     config, _ = load_config(EXAMPLE)
     assert resolve_dataset_factory(config.dataset.name) is make_dataset
