@@ -66,8 +66,14 @@ $(SGLANG_VENV)/.installed: $(SGLANG_PINS)/requirements.txt $(SGLANG_PINS)/constr
 # Benchmarks (bench/, see README "Performance"): each script prints its method and a Markdown
 # table and writes bench/results/<name>.json. The heavy ones run one at a time.
 .PHONY: bench
-bench: venv
+bench: venv $(VENV)/.bench-installed
 	OMP_NUM_THREADS=1 $(PY) bench/cli_startup.py
 	OMP_NUM_THREADS=1 $(PY) bench/grpo_step.py
 	OMP_NUM_THREADS=1 $(PY) bench/training_cost.py
 	OMP_NUM_THREADS=1 $(PY) bench/weight_sync.py
+	OMP_NUM_THREADS=1 $(PY) bench/peer_trl.py
+
+# The peer systems the benchmarks compare against (the `bench` extra, pinned in constraints.txt).
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[bench]'
+	touch $@

@@ -565,12 +565,15 @@ class GRPOLoop:
         outcome = self.resolve_agreement(first_step)
         if "stop" in outcome:
             self.stop_on_agreement(outcome, completed_step=first_step - 1)
+        timer = time.perf_counter()
         self.first_eval = self.last_eval = self.comm.leader_result(
             lambda: self._on_server(self.evaluate, first_step))
+        eval_seconds = time.perf_counter() - timer
         if self.comm.is_leader:
             if first_step == 1:
                 self.run_dir.append_metrics({"step": 0, "version": self.version, "eval_accuracy": self.first_eval,
-                                             "sync_seconds": sync["sync_seconds"], **outcome["metrics"]})
+                                             "eval_seconds": eval_seconds, "sync_seconds": sync["sync_seconds"],
+                                             "finished_at": time.time(), **outcome["metrics"]})
             else:
                 evals = [r["eval_accuracy"] for r in self.run_dir.read_metrics() if "eval_accuracy" in r]
                 self.first_eval = evals[0] if evals else self.first_eval
