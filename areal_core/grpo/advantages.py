@@ -33,36 +33,39 @@ def overlong_penalty(length: int, max_new_tokens: int, tokens: int, factor: floa
     return -factor * min(over, tokens) / tokens if over > 0 else 0.0
 
 
+def _moments(values, keys, weights, unbiased: bool) -> dict:
+    """``key -> (weighted mean, weighted std)`` of the values sharing each key."""
+    groups: dict = {}
+    for key, x, w in zip(keys, values, weights):
+        groups.setdefault(key, []).append((x, w))
+    out = {}
+    for key, members in groups.items():
+        total = sum(w for _, w in members)
+        mean = sum(w * x for x, w in members) / total if total > 0 else 0.0
+        denominator = total - 1 if unbiased else total
+        second = sum(w * (x - mean) ** 2 for x, w in members)
+        out[key] = (mean, math.sqrt(second / denominator) if denominator > 0 else 0.0)
+    return out
+
+
 def normalise(values: Sequence[float], groups: Sequence[int], weights: Sequence[float],
               norm: NormConfig) -> list[float]:
     """``(x - mean) / (std + eps)`` of ``values`` with ``weights``, within each group id in
     ``groups`` (level ``group``) or over all (level ``batch``); a level of None skips that part."""
 
-    def moments(level: str) -> dict:
-        keys = list(groups) if level == "group" else [0] * len(values)
-        sums: dict = {}
-        for key, x, w in zip(keys, values, weights):
-            s = sums.setdefault(key, [0.0, 0.0, 0.0])
-            s[0] += w
-            s[1] += w * x
-        for key, x, w in zip(keys, values, weights):
-            s = sums[key]
-            s[2] += w * (x - s[1] / s[0]) ** 2 if s[0] > 0 else 0.0
-        out = {}
-        for key, (total, first, second) in sums.items():
-            mean = first / total if total > 0 else 0.0
-            denominator = total - 1 if norm.std_unbiased else total
-            out[key] = (mean, math.sqrt(second / denominator) if denominator > 0 else 0.0)
-        return {"keys": keys, "stats": out}
+    def keys(level: str) -> list:
+        return list(groups) if level == "group" else [0] * len(values)
 
-    centred = list(values)
+    out = list(values)
     if norm.mean_level is not None:
-        m = moments(norm.mean_level)
-        centred = [x - m["stats"][k][0] for x, k in zip(values, m["keys"])]
-    if norm.std_level is None:
-        return centred
-    s = moments(norm.std_level)
-    return [x / (s["stats"][k][1] + norm.eps) for x, k in zip(centred, s["keys"])]
+        k = keys(norm.mean_level)
+        stats = _moments(values, k, weights, norm.std_unbiased)
+        out = [x - stats[key][0] for x, key in zip(values, k)]
+    if norm.std_level is not None:
+        k = keys(norm.std_level)
+        stats = _moments(values, k, weights, norm.std_unbiased)
+        out = [x / (stats[key][1] + norm.eps) for x, key in zip(out, k)]
+    return out
 
 
 def shaped_rewards(rewards: Sequence[float], lengths: Sequence[int], actor: ActorConfig,

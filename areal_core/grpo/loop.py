@@ -442,10 +442,11 @@ class GRPOLoop:
         self.last_eval = self._on_server(self.evaluate, step + 1)
         return {"eval_accuracy": self.last_eval, "eval_seconds": time.perf_counter() - timer}
 
-    def step(self, step: int) -> None:
+    def step(self, step: int) -> bool:
         """One step; its metrics record is written once the check of the version it made is in:
         at once on evaluation and checkpoint steps (which wait for it), else at the start of the
-        next step (the check runs while the next batch is generated)."""
+        next step (the check runs while the next batch is generated). Returns whether the step
+        is to be checkpointed."""
         started = time.time()
         payload = self.comm.leader_result(lambda: self._next_payload(step))
         self._write_record({**self.unwritten, **payload["agreement"]} if self.unwritten else None)
@@ -502,12 +503,13 @@ class GRPOLoop:
                     f"{self.config.actor.dynamic_sampling_max_rounds} refill rounds (raise "
                     f"actor.dynamic_sampling_max_rounds; metrics.jsonl's dynamic_sampling_short counts "
                     f"them at every step; said once)")
-        # every rank knows which steps these are: no broadcast on the other steps
-        if not (self._eval_due(step) or self._checkpoint_due(step)):
+        # decided once, the same on every rank (one broadcast only with checkpoint_every_seconds)
+        checkpoint = self._checkpoint_due(step)
+        if not (self._eval_due(step) or checkpoint):
             record["step_seconds"] = time.time() - started
             record["finished_at"] = time.time()
             self.unwritten = record
-            return
+            return False
         # An evaluation, a checkpoint and the end of the run need the verdict of this version.
         outcome = self.resolve_agreement(step + 1)
         record.update(outcome["metrics"])
@@ -518,6 +520,7 @@ class GRPOLoop:
         self._write_record(record)
         if "stop" in outcome:
             self.stop_on_agreement(outcome, completed_step=step)
+        return checkpoint
 
     def _write_record(self, record: dict | None) -> None:
         """Rank 0: metrics.jsonl, events.jsonl, the plot and the progress bar."""
@@ -657,8 +660,7 @@ class GRPOLoop:
                 self.run_dir.plot()
             STOP.accepting = True
             for step in range(first_step, steps + 1):
-                self.step(step)
-                if self._checkpoint_due(step):
+                if self.step(step):
                     self._save_checkpoint(step)
         except BaseException as exc:
             STOP.accepting = False

