@@ -179,6 +179,43 @@ class RewardConfig:
     options: dict = attrs.field(factory=dict)
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@attrs.frozen
+class WandbConfig:
+    """Weights & Biases. ``online`` needs the user's key in ``WANDB_API_KEY`` (never logged)."""
+
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "areal"
+    name: str = ""  # "": the output directory's name
+    dir: str = ""  # "": output_dir (wandb writes <dir>/wandb/)
+
+
+@attrs.frozen
+class MlflowConfig:
+    """MLflow: a tracking server's URI, or a local store."""
+
+    tracking_uri: str = ""  # "": file:<output_dir>/mlruns
+    experiment_name: str = "areal"
+    run_name: str = ""  # "": the output directory's name
+
+
+@attrs.frozen
+class TrackingConfig:
+    """Experiment trackers that get every scalar of metrics.jsonl each step (rank 0 only);
+    areal_core.tracking names them by phase."""
+
+    tensorboard: bool = False
+    tensorboard_dir: str = ""  # "": <output_dir>/tensorboard
+    wandb: WandbConfig | None = None  # e.g. {mode: offline, project: areal}
+    mlflow: MlflowConfig | None = None  # e.g. {tracking_uri: "sqlite:///mlflow.db"}
+
+    @property
+    def any(self) -> bool:
+        return bool(self.tensorboard or (self.wandb and self.wandb.mode != "disabled") or self.mlflow)
+
+
 @attrs.frozen
 class RunConfig:
     """The whole configuration of ``areal train``."""
@@ -189,5 +226,6 @@ class RunConfig:
     train: TrainConfig = attrs.field(factory=TrainConfig)
     dataset: DatasetConfig = attrs.field(factory=DatasetConfig)
     reward: RewardConfig = attrs.field(factory=RewardConfig)
+    tracking: TrackingConfig = attrs.field(factory=TrackingConfig)
     output_dir: str = "runs/default"
     resume: bool = False
