@@ -196,7 +196,7 @@ class WandbConfig:
 class MlflowConfig:
     """MLflow: a tracking server's URI, or a local store."""
 
-    tracking_uri: str = ""  # "": file:<output_dir>/mlruns
+    tracking_uri: str = ""  # "": sqlite:///<output_dir>/mlflow.db (artifacts in <output_dir>/mlartifacts)
     experiment_name: str = "areal"
     run_name: str = ""  # "": the output directory's name
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from areal_core.config import (AGREEMENT_POLICIES, ALL_LINEAR, DTYPES, LOSS_AGG_MODES, LR_SCHEDULES,
-                               NORM_LEVELS, RunConfig)
+                               NORM_LEVELS, WANDB_MODES, RunConfig)
 from areal_core.declarations import ENGINE, SERVER
 from areal_core.errors import ConfigError
 from areal_core.registry import Registry
@@ -292,9 +292,31 @@ def check_tasks(config: RunConfig) -> list[ConfigError]:
     return errors
 
 
+def check_tracking(config: RunConfig) -> list[ConfigError]:
+    """The trackers asked for: their packages installed, W&B's mode known and its key present."""
+    import os
+
+    from areal_core.tracking import missing_packages
+
+    errors: list[ConfigError] = []
+    wandb = config.tracking.wandb
+    if wandb is not None:
+        _check(errors, wandb.mode in WANDB_MODES, "tracking.wandb.mode", wandb.mode,
+               f"must be one of {', '.join(WANDB_MODES)}", "use offline (sync later with `wandb sync`)")
+        _check(errors, wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
+               "tracking.wandb.mode", wandb.mode, "online W&B needs your API key and WANDB_API_KEY is not set",
+               "export WANDB_API_KEY=... (it is read from the environment, never from the config or logged), "
+               "or use tracking.wandb.mode=offline")
+    for name, extra in missing_packages(config.tracking).items():
+        key = "tracking.tensorboard" if name == "tensorboard" else f"tracking.{name}"
+        errors.append(ConfigError(key, "set", f"the {name} tracker's package is not installed",
+                                  f"pip install 'areal-core[{extra}]'"))
+    return errors
+
+
 def validate(config: RunConfig, registry: Registry) -> list[ConfigError]:
     """Every problem with ``config``; an empty list means the run can start."""
-    errors = check_values(config) + check_model_dir(config) + check_tasks(config)
+    errors = check_values(config) + check_model_dir(config) + check_tasks(config) + check_tracking(config)
     backend_errors = check_backends(config, registry)
     errors += backend_errors
     if not backend_errors:

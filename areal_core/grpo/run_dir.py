@@ -27,6 +27,7 @@ class RunDirectory:
         self.metrics_path = self.root / "metrics.jsonl"
         self.events_path = self.root / "events.jsonl"
         self.plot_path = self.root / "plot.png"
+        self.metric_sinks: list = []  # callables given each record after it is on disk (trackers)
 
     def create(self) -> "RunDirectory":
         for path in (self.root, self.adapters, self.logs, self.checkpoints):
@@ -46,6 +47,8 @@ class RunDirectory:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        for sink in self.metric_sinks:
+            sink(record)
 
     def append_events(self, events: list[dict]) -> None:
         if not events:

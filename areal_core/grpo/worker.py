@@ -100,7 +100,9 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     from areal_core.grpo.run_dir import RunDirectory
     from areal_core.grpo.server_processes import record_launched_servers
     from areal_core.registry import default_registry
+    from areal_core.grpo.server_recovery import say_on_stderr
     from areal_core.tasks import get_dataset, get_reward
+    from areal_core.tracking import Trackers
 
     config = load_config_or_raise(config_path, overrides)
     _init_distributed(config)
@@ -108,9 +110,12 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     _seed(config.train.seed, comm.rank)
     registry = default_registry()
     run_dir = RunDirectory(config.output_dir)
+    trackers = None
     if comm.is_leader:
         run_dir.create()
         run_dir.write_config(config_to_dict(config))
+        trackers = Trackers(config.tracking, run_dir.root, config_to_dict(config), config.resume, say_on_stderr)
+        run_dir.metric_sinks.append(trackers.log)
     dataset = get_dataset(config.dataset.name, config.dataset.options)
     reward_fn = get_reward(config.reward.name, config.reward.options)
 
@@ -144,6 +149,8 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
         if server is not None:
             server.stop()
         engine.close()
+        if trackers is not None:
+            trackers.close()
     if comm.is_leader:
         print(f"run directory: {run_dir.root}", flush=True)
         if summary["first_eval"] is not None:

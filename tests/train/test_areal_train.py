@@ -18,7 +18,9 @@ def short_run(vllm_model, tmp_path_factory):
     cmd = [sys.executable, "-m", "areal_core.cli", "train", str(REPO / "examples" / "arithmetic_grpo_lora.yaml"),
            f"actor.path={vllm_model}", f"output_dir={out}", "actor.world_size=2", "train.steps=4",
            "train.batch_size=4", "gconfig.n_samples=4", "train.eval_every=2", "train.eval_size=16",
-           "gconfig.lora_name=e2e", "rollout.max_num_seqs=16"]
+           "gconfig.lora_name=e2e", "rollout.max_num_seqs=16",
+           # every tracker, each read back below with its own library's reader
+           "tracking.tensorboard=true", "tracking.wandb.mode=offline", "tracking.mlflow.experiment_name=e2e"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out, result
@@ -77,3 +79,30 @@ def test_run_directory_holds_what_a_user_keeps(short_run):
     log = (out / "logs" / "vllm-server.log").read_text()
     assert "--enable-lora" in log
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+
+
+def test_trackers_get_every_scalar_of_every_step(short_run):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from areal_core.tracking.names import FALLBACK, scalars
+    from tests.tracking import wandb_records
+
+    out, result = short_run
+    assert "areal train: tracker" not in result.stderr  # none failed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    sent = {name for record in records for name in scalars(record)}
+    assert not [name for name in sent if name.startswith(FALLBACK)]  # the loop's keys are all named
+    tensorboard = EventAccumulator(str(out / "tensorboard"))
+    tensorboard.Reload()
+    assert set(tensorboard.Tags()["scalars"]) == sent
+    assert [e.step for e in tensorboard.Scalars("eval/accuracy")] == [0, 2, 4]
+    assert [e.step for e in tensorboard.Scalars("reward/mean")] == [1, 2, 3, 4]
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_records.history(run_file)
+    assert [row["_step"] for row in history] == [0, 1, 2, 3, 4]
+    assert wandb_records.config(run_file)["gconfig"]["lora_name"] == "e2e"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert set(found.data.metrics) == sent
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "reward/mean")] == [1, 2, 3, 4]
