@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from areal_core.errors import AdapterError
 from areal_core.interfaces import ExportedAdapter
+from areal_core.staged_directory import staged_directory
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -87,14 +86,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_tensors(tensors: Mapping[str, "torch.Tensor"], rank: int) -> list[str]:
     """Validate LoRA tensors; return the sorted short target-module names they cover."""
     modules: dict[str, set[str]] = {}
@@ -135,9 +126,7 @@ def write_peft_adapter(
     if final.exists():
         raise AdapterError(f"adapter directory {final} already exists; versions are never rewritten")
     target_modules = check_tensors(tensors, rank)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
+    with staged_directory(final) as staging:
         on_cpu = {k: v.detach().to("cpu") for k, v in tensors.items()}
         weights_bytes, weights_sha256 = write_safetensors(staging / WEIGHTS_FILE, on_cpu, {"format": "pt"})
         config = adapter_config(rank, alpha, target_modules, base_model_path)
@@ -152,12 +141,6 @@ def write_peft_adapter(
         _write_durably(staging / CONFIG_FILE, config_text)
         manifest_text = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         _write_durably(staging / MANIFEST_FILE, manifest_text)
-        os.chmod(staging, 0o755)
-        os.rename(staging, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportedAdapter(
         path=str(final),
         version=version,

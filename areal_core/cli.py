@@ -1,7 +1,7 @@
-"""The ``areal`` command: plugins, matrix, check, train.
+"""The ``areal`` command: plugins, matrix, check, merge, train.
 
-Start-up stays light: ``areal plugins`` and ``areal matrix`` import no torch; ``train`` imports
-its machinery only when it runs.
+Start-up stays light: ``areal plugins`` and ``areal matrix`` import no torch; ``merge`` and
+``train`` import their machinery only when they run.
 """
 
 from __future__ import annotations
@@ -75,6 +75,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from areal_core.errors import ArealError
+    from areal_core.merge import merge, plan_merge
+
+    try:
+        plan = plan_merge(args.adapter, args.base, args.out, dtype=args.dtype,
+                          max_shard_size=args.max_shard_size)
+    except ArealError as exc:
+        print(f"areal merge: refused, nothing was written: {exc}", file=sys.stderr)
+        return 1
+    print(f"areal merge: {plan.adapter} into {plan.base}, weights in {plan.dtype}", flush=True)
+    try:
+        merge(plan)
+    except (ArealError, OSError) as exc:
+        print(f"areal merge: failed, nothing was written: {exc}", file=sys.stderr)
+        return 1
+    print(f"areal merge: wrote {plan.out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config, errors = check_config(args.config, args.overrides)
     if errors:
@@ -104,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "check":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    p = sub.add_parser("merge", help="an adapter merged into its base model, for deployment")
+    p.add_argument("adapter", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--base", required=True, help="the base model's Hugging Face directory")
+    p.add_argument("--out", required=True, help="new directory for the merged model (must not exist)")
+    # Checked by plan_merge, not by argparse choices: a bad value is a refusal (exit 1), not a usage error.
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the base's dtype)")
+    p.add_argument("--max-shard-size", default=None, help="largest safetensors shard, e.g. 2GB (default 5GB)")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 
