@@ -169,6 +169,9 @@ def code_spans(text: str) -> list[str]:
     return spans
 
 
+FILE_SUFFIXES = {"py", "md", "yaml", "yml", "json", "jsonl", "toml", "txt", "png", "log", "db"}
+
+
 def references(span: str) -> list[str]:
     """Dotted key references in a code span: ``a.b.{c,d}`` gives ``a.b.c`` and ``a.b.d``."""
     sections = "|".join(map(re.escape, SECTIONS))
@@ -176,7 +179,7 @@ def references(span: str) -> list[str]:
     found = []
     for match in pattern.finditer(span):
         ref = match.group(0)
-        if "." not in ref:
+        if "." not in ref or ref.rsplit(".", 1)[1] in FILE_SUFFIXES:  # `reward.py` is a file
             continue
         braces = re.search(r"\{([\w, ]+)\}", ref)
         if braces:
@@ -197,7 +200,7 @@ def test_the_reference_finder():
     assert references("actor.lora_rank=8 rollout.backend=sglang") == ["actor.lora_rank", "rollout.backend"]
     assert references("actor.reward_norm.{mean_level,std_level}") == [
         "actor.reward_norm.mean_level", "actor.reward_norm.std_level"]
-    assert references("areal_core/tasks/reward.py tests/train/x.py areal train my.yaml") == []
+    assert references("areal_core/tasks/reward.py tests/train/x.py areal train my.yaml reward.py") == []
     assert known("dataset.options.path") and known("train.agreement_tolerance")
     assert not known("actor.lora_rnak") and not known("tracking.wandb.key")
 
