@@ -47,18 +47,27 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_config(config_path: str | None, overrides: list[str]):
-    """(config, errors) after loading and every validation rule."""
+def check_config(config_path: str | None, overrides: list[str], download: bool = False):
+    """(config, errors, hub overrides) after loading, resolving Hub ids (from the cache, or
+    downloading when ``download``) and every validation rule. The hub overrides point the
+    model-path keys at the resolved snapshot directories; ``config`` already has them."""
     from areal_core.config_loader import load_config
+    from areal_core.hub import path_overrides, resolve_model_paths
     from areal_core.validation import validate
 
     config, errors = load_config(config_path, overrides)
-    errors += [e for e in validate(config, _registry()) if e not in errors]
-    return config, errors
+    resolved, hub_errors = resolve_model_paths(config, download=download)
+    hub_overrides = path_overrides(resolved)
+    if hub_overrides:
+        config, errors = load_config(config_path, [*overrides, *hub_overrides])
+    unresolved = {e.key for e in hub_errors}  # the model checks would only repeat "no such directory"
+    errors += hub_errors + [e for e in validate(config, _registry())
+                            if e not in errors and not (e.key in unresolved and e.key == "actor.path")]
+    return config, errors, hub_overrides
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config, errors = check_config(args.config, args.overrides)
+    config, errors, _ = check_config(args.config, args.overrides)
     if args.json:
         print(json.dumps({"ok": not errors, "errors": [
             {"key": e.key, "value": repr(e.value), "problem": e.problem, "fix": e.fix} for e in errors
@@ -96,7 +105,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config, errors = check_config(args.config, args.overrides)
+    config, errors, hub_overrides = check_config(args.config, args.overrides, download=True)
     if errors:
         print(f"areal train: {len(errors)} configuration problem(s); nothing was started:", file=sys.stderr)
         for error in errors:
@@ -104,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     from areal_core.launcher import launch
 
-    return launch(config, args.config, args.overrides)
+    return launch(config, args.config, args.overrides, hub_overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -72,7 +72,9 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop(signum)
 
 
-def launch(config, config_path: str, overrides: list[str]) -> int:
+def launch(config, config_path: str, overrides: list[str], hub_overrides: list[str] = ()) -> int:
+    """Run the training ranks; ``hub_overrides`` point them at resolved Hub snapshots (kept out
+    of the resume command printed on a stop, which resolves the ids again)."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record = output_dir.absolute() / "logs" / "server-processes.json"
@@ -89,7 +91,7 @@ def launch(config, config_path: str, overrides: list[str]) -> int:
     stopped_by = None
     try:
         try:
-            process = subprocess.Popen(torchrun_command(config, config_path, overrides), env=env,
+            process = subprocess.Popen(torchrun_command(config, config_path, [*overrides, *hub_overrides]), env=env,
                                        start_new_session=True, preexec_fn=_die_with_parent)
             code = process.wait()
         except _Stop as stop:

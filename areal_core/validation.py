@@ -210,11 +210,11 @@ def check_model_dir(config: RunConfig) -> list[ConfigError]:
     path = config.actor.path
     if not path:
         return [ConfigError("actor.path", path, "no base model given",
-                            "set actor.path to a local Hugging Face model directory")]
+                            "set actor.path to a local Hugging Face model directory or a Hub id (org/name)")]
     directory = Path(path)
     if not directory.is_dir():
         return [ConfigError("actor.path", path, "model directory does not exist",
-                            "give a local directory holding config.json and *.safetensors (no hub downloads)")]
+                            "give a local directory holding config.json and *.safetensors, or a Hub id org/name[@revision]")]
     errors: list[ConfigError] = []
     model_config = read_model_config(path)
     if model_config is None:

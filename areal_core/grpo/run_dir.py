@@ -37,10 +37,11 @@ class RunDirectory:
     def adapter_dir(self, version: int) -> Path:
         return self.adapters / f"v{version}"
 
-    def write_config(self, data: dict) -> None:
+    def write_config(self, data: dict, header: str = "") -> None:
+        """``header``: comment lines put first (where each Hub model came from)."""
         import yaml
 
-        (self.root / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        (self.root / "config.yaml").write_text(header + yaml.safe_dump(data, sort_keys=False))
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as handle:

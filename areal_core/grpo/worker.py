@@ -101,6 +101,7 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     from areal_core.grpo.server_processes import record_launched_servers
     from areal_core.registry import default_registry
     from areal_core.grpo.server_recovery import say_on_stderr
+    from areal_core.hub import provenance_comment
     from areal_core.tasks import get_dataset, get_reward
     from areal_core.tracking import Trackers
 
@@ -113,7 +114,7 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     trackers = None
     if comm.is_leader:
         run_dir.create()
-        run_dir.write_config(config_to_dict(config))
+        run_dir.write_config(config_to_dict(config), header=provenance_comment(config))
         trackers = Trackers(config.tracking, run_dir.root, config_to_dict(config), config.resume, say_on_stderr)
         run_dir.metric_sinks.append(trackers.log)
     dataset = get_dataset(config.dataset.name, config.dataset.options)
