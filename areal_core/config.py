@@ -141,6 +141,7 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     lora_name: str = "lora"
+    ignore_eos: bool = False  # rollouts do not stop at eos: every one has max_new_tokens tokens
 
 
 @attrs.frozen

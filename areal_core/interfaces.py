@@ -48,7 +48,8 @@ class SamplingParams:
 
     ``seed`` (None: unseeded) makes a call reproducible: a server seeds prompt i of the call with
     ``seed + i``, so the same call against the same weights gives the same samples.
-    ``temperature == 0`` means greedy decoding.
+    ``temperature == 0`` means greedy decoding. ``ignore_eos``: the model's eos token does not
+    stop a completion (``stop_token_ids`` still do), so it runs to ``max_new_tokens``.
     """
 
     max_new_tokens: int = 16
@@ -57,6 +58,7 @@ class SamplingParams:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @attrs.frozen

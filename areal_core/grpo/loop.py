@@ -333,7 +333,7 @@ class GRPOLoop:
     def sampling(self) -> SamplingParams:
         g = self.config.gconfig
         return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                              top_p=g.top_p, top_k=g.top_k)
+                              top_p=g.top_p, top_k=g.top_k, ignore_eos=g.ignore_eos)
 
     def evaluate(self) -> float:
         """Greedy held-out accuracy of the live version (mean reward over the eval split)."""

@@ -36,6 +36,8 @@ def test_sglang_accepts_every_body_the_client_builds_and_refuses_a_broken_one(tm
                                   sampling=SamplingParams(temperature=1.0, seed=5)),
         payloads.generate_payload([1, 9], lora_name="lora-v2", n=1, sampling=SamplingParams(seed=5)),
         payloads.generate_payload([1], lora_name="lora-v3", n=2, sampling=SamplingParams(temperature=0.0)),
+        payloads.generate_payload([1, 4], lora_name="lora-v3", n=8,
+                                  sampling=SamplingParams(max_new_tokens=128, ignore_eos=True)),
         payloads.prompt_logprobs_payload(list(range(1, 30)), lora_name="lora-v1"),
     ]
     # Controls: the check must be able to fail (a misspelt key, an unknown sampling field).
@@ -48,7 +50,7 @@ def test_sglang_accepts_every_body_the_client_builds_and_refuses_a_broken_one(tm
         "unload": [payloads.unload_payload("lora-v1")],
     }
     verdicts = {(v["kind"], v["index"]): v for v in run_check(bodies, tmp_path)}
-    assert len(verdicts) == 11
+    assert len(verdicts) == 12
     for index in range(len(generate)):
         assert verdicts[("generate", index)]["ok"], verdicts[("generate", index)]["error"]
     assert verdicts[("load", 0)]["ok"], verdicts[("load", 0)]["error"]

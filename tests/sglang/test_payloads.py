@@ -39,6 +39,12 @@ def test_seeded_samples_each_get_their_own_seed():
 def test_sampling_switches_that_are_off_are_left_out():
     fields = payloads.sampling_fields(SamplingParams(), n=1)
     assert "top_k" not in fields and "stop_token_ids" not in fields and "sampling_seed" not in fields
+    assert "ignore_eos" not in fields
+
+
+def test_ignore_eos_is_sglangs_own_sampling_field():
+    fields = payloads.sampling_fields(SamplingParams(max_new_tokens=128, ignore_eos=True), n=8)
+    assert fields["ignore_eos"] is True and fields["max_new_tokens"] == 128
 
 
 def test_prompt_logprobs_payload_scores_from_the_first_token_and_generates_nothing():

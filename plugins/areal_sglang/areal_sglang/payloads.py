@@ -41,6 +41,8 @@ def sampling_fields(sampling: SamplingParams, n: int) -> dict[str, Any]:
         fields["top_k"] = sampling.top_k
     if sampling.stop_token_ids:
         fields["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.ignore_eos:
+        fields["ignore_eos"] = True
     return fields
 
 

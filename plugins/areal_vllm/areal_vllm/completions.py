@@ -30,6 +30,8 @@ def completion_request(model: str, prompt_ids: Sequence[int], n: int, sampling: 
     }
     if sampling.stop_token_ids:
         body["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True  # vLLM's extra sampling parameter of /v1/completions
     if sampling.seed is not None:
         body["seed"] = sampling.seed  # vLLM gives the i-th of the n samples seed + i
     return body
