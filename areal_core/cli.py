@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("merge", help="an adapter merged into its base model, for deployment")
     p.add_argument("adapter", help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--base", required=True, help="the base model's Hugging Face directory")
+    p.add_argument("--base", required=True, help="the base model: a Hugging Face directory or a Hub id (org/name[@revision])")
     p.add_argument("--out", required=True, help="new directory for the merged model (must not exist)")
     # Checked by plan_merge, not by argparse choices: a bad value is a refusal (exit 1), not a usage error.
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the base's dtype)")

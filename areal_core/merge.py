@@ -27,6 +27,7 @@ from areal_core.adapter_format import verify_adapter_dir
 from areal_core.config import DTYPES, ActorConfig, RunConfig
 from areal_core.errors import ArealError
 from areal_core.grpo.adapter_admission import base_linear_shapes, check_fits_base_model
+from areal_core.hub import resolve_model
 from areal_core.safetensors_writer import DTYPE_CODES
 from areal_core.staged_directory import fsync_files, staged_directory
 from areal_core.validation import check_model_dir, read_model_config
@@ -89,8 +90,9 @@ def plan_merge(adapter: str | os.PathLike, base: str, out: str | os.PathLike, *,
     """Every check of a merge, reading JSON files and safetensors headers only.
 
     :param adapter: a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-    :param base: the base model: a local Hugging Face directory (or a Hub id, where the core
-        resolves them).
+    :param base: the base model: a local Hugging Face directory, or a Hub id (``org/name``,
+        ``org/name@revision``) resolved through the Hugging Face cache, downloaded when missing
+        unless ``HF_HUB_OFFLINE=1`` (``areal_core.hub``).
     :param out: where the merged model goes; must not exist.
     :param dtype: float32, bfloat16 or float16; None: the base's dtype.
     :param max_shard_size: the largest safetensors file, as ``save_pretrained`` takes it ("2GB");
@@ -113,7 +115,10 @@ def plan_merge(adapter: str | os.PathLike, base: str, out: str | os.PathLike, *,
     except Exception as exc:  # noqa: BLE001 - bad JSON, no permission, or a SafetensorError (a bare Exception)
         raise MergeError(f"adapter {adapter_path} is unreadable ({type(exc).__name__}: {exc}); "
                          f"export it again or point at another adapter directory") from exc
-    base_path = Path(base).absolute()
+    try:
+        base_path = Path(resolve_model(base, download=True).path).absolute()
+    except ArealError as exc:  # HubResolutionError: neither a directory nor an id the cache or Hub has
+        raise MergeError(f"--base {base}: {exc}") from exc
     problems = check_model_dir(RunConfig(actor=ActorConfig(path=str(base_path))))
     if problems:
         details = "; ".join(f"{p.problem}; fix: {p.fix}" if p.key == "actor.path"

@@ -77,10 +77,25 @@ def logits(model_dir, ids, *, dtype=torch.float32, adapter_dir=None) -> torch.Te
         return model.eval()(input_ids=ids).logits.double()
 
 
+def altered_copy(source: Path, directory: Path, *, drop=(), garbage=(), rename=()) -> Path:
+    """``source`` copied to ``directory``, less the files ``drop``, with the files ``garbage``
+    overwritten by bytes no reader parses and each ``(old, new)`` of ``rename`` renamed."""
+    shutil.copytree(source, directory)
+    for name in drop:
+        (directory / name).unlink()
+    for name in garbage:
+        (directory / name).write_bytes(b"\xff" * 64)
+    for old, new in rename:
+        os.rename(directory / old, directory / new)
+    return directory
+
+
+MANIFEST = "areal_manifest.json"  # dropped where a change would only be caught by its checksums
+
+
 def rescaled_copy(adapter_dir: Path, directory: Path, factor: float) -> Path:
     """The adapter with lora_alpha times ``factor``: what a merge with the wrong scale computes."""
-    shutil.copytree(adapter_dir, directory)
-    (directory / "areal_manifest.json").unlink()  # its checksum covers the config changed here
+    altered_copy(adapter_dir, directory, drop=[MANIFEST])
     config = json.loads((directory / "adapter_config.json").read_text())
     config["lora_alpha"] *= factor
     (directory / "adapter_config.json").write_text(json.dumps(config))
@@ -132,7 +147,7 @@ def test_the_directory_holds_a_full_model_in_its_dtype(base, adapter, tmp_path):
     assert AutoTokenizer.from_pretrained(str(out))(text).input_ids == AutoTokenizer.from_pretrained(str(base))(text).input_ids
 
 
-def test_default_dtype_is_the_bases(base, adapter, token_ids, tmp_path):
+def test_default_dtype_is_the_bases(base, adapter, tmp_path):
     bf16_base = tmp_path / "bf16-base"
     shutil.copytree(base, bf16_base)
     from transformers import AutoModelForCausalLM
@@ -160,6 +175,23 @@ def test_shards_hold_the_same_weights(base, adapter, token_ids, tmp_path):
     assert torch.equal(logits(tmp_path / "sharded", token_ids), logits(tmp_path / "whole", token_ids))
 
 
+def test_the_base_may_be_a_hub_id_in_the_cache(base, adapter, token_ids, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from tests.hf_cache import add_to_cache
+
+    home = tmp_path / "hf"
+    add_to_cache(home, "tiny-org/merge-base", base, "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))  # read at import: set it here
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert run_merge(adapter, "tiny-org/merge-base", tmp_path / "from-hub") == 0
+    assert "models--tiny-org--merge-base/snapshots/0123456789abcdef" in capsys.readouterr().out
+    assert run_merge(adapter, base, tmp_path / "from-directory") == 0
+    assert torch.equal(logits(tmp_path / "from-hub", token_ids), logits(tmp_path / "from-directory", token_ids))
+    refuse(capsys, adapter, "tiny-org/absent", tmp_path / "merged", "--base tiny-org/absent",
+           "not in the Hugging Face cache")
+
+
 # --- refusals: exit code 1, a message naming the problem, no weight loaded, nothing written ----------
 
 
@@ -171,14 +203,20 @@ def no_weights_loaded(monkeypatch):
     monkeypatch.setattr(merge_module, "merged_model", refuse)
 
 
-def assert_refused(capsys, tmp_path, argv_out: Path, rc: int, *patterns: str) -> None:
+def assert_refused(capsys, rc: int, directory: Path, before: list[str], *patterns: str) -> None:
+    """Exit code 1, each of ``patterns`` in the message, and ``directory`` listing ``before``."""
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "refused, nothing was written" in err
     for pattern in patterns:
         assert pattern in err, err
-    assert not os.path.lexists(argv_out) or argv_out.name == "taken"
-    assert not [p for p in os.listdir(argv_out.parent) if ".partial-" in p]
+    assert sorted(os.listdir(directory)) == before
+
+
+def refuse(capsys, adapter_dir, base_dir, out: Path, *patterns: str, options=()) -> None:
+    before = sorted(os.listdir(out.parent))
+    rc = run_merge(adapter_dir, base_dir, out, *options)
+    assert_refused(capsys, rc, out.parent, before, *patterns)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +236,7 @@ def other_bases(tmp_path_factory):
 ])
 def test_an_adapter_of_another_base_is_refused(which, patterns, adapter, other_bases, tmp_path, capsys,
                                               no_weights_loaded):
-    rc = run_merge(adapter, other_bases[which], tmp_path / "merged")
-    assert_refused(capsys, tmp_path, tmp_path / "merged", rc, *patterns)
+    refuse(capsys, adapter, other_bases[which], tmp_path / "merged", *patterns)
 
 
 @pytest.mark.parametrize("kind", ["directory", "file", "dangling symlink"])
@@ -211,10 +248,7 @@ def test_an_existing_out_is_refused(kind, base, adapter, tmp_path, capsys, no_we
         out.write_text("mine")
     else:
         out.symlink_to(tmp_path / "nowhere")
-    before = sorted(os.listdir(tmp_path))
-    rc = run_merge(adapter, base, out)
-    assert_refused(capsys, tmp_path, out, rc, "already exists", "choose a new path")
-    assert sorted(os.listdir(tmp_path)) == before
+    refuse(capsys, adapter, base, out, "already exists", "choose a new path")
     if kind == "file":
         assert out.read_text() == "mine"
 
@@ -225,92 +259,54 @@ def test_an_existing_out_is_refused(kind, base, adapter, tmp_path, capsys, no_we
     ("--max-shard-size", "0GB", ["--max-shard-size '0GB' is not a size"]),
 ])
 def test_a_bad_option_is_refused(option, value, patterns, base, adapter, tmp_path, capsys, no_weights_loaded):
-    rc = run_merge(adapter, base, tmp_path / "merged", option, value)
-    assert_refused(capsys, tmp_path, tmp_path / "merged", rc, *patterns)
+    refuse(capsys, adapter, base, tmp_path / "merged", *patterns, options=(option, value))
 
 
-def _pickled(adapter_dir: Path, directory: Path) -> Path:
-    directory.mkdir()
-    shutil.copy(adapter_dir / "adapter_config.json", directory)
-    (directory / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
-    return directory
-
-
-def _missing(adapter_dir: Path, directory: Path) -> Path:
-    return directory
-
-
-def _bad_config(adapter_dir: Path, directory: Path) -> Path:
-    shutil.copytree(adapter_dir, directory)
-    (directory / "areal_manifest.json").unlink()
-    (directory / "adapter_config.json").write_text("{not json")
-    return directory
-
-
-def _bad_weights(adapter_dir: Path, directory: Path) -> Path:
-    shutil.copytree(adapter_dir, directory)
-    (directory / "areal_manifest.json").unlink()
-    (directory / "adapter_model.safetensors").write_bytes(b"\xff" * 64)
-    return directory
-
-
-@pytest.mark.parametrize("make,patterns", [
-    (_pickled, ["pickled weights (adapter_model.bin)", "only safetensors are accepted"]),
-    (_missing, ["does not exist"]),
-    (_bad_config, ["is unreadable", "JSONDecodeError"]),
-    (_bad_weights, ["is unreadable", "export it again"]),
+@pytest.mark.parametrize("alteration,patterns", [
+    (dict(drop=[MANIFEST], rename=[("adapter_model.safetensors", "adapter_model.bin")]),
+     ["pickled weights (adapter_model.bin)", "only safetensors are accepted"]),
+    (None, ["does not exist"]),
+    (dict(drop=[MANIFEST], garbage=["adapter_config.json"]), ["is unreadable", "export it again"]),
+    (dict(drop=[MANIFEST], garbage=["adapter_model.safetensors"]), ["is unreadable", "export it again"]),
 ], ids=["pickled", "missing", "unreadable config", "unreadable weights"])
-def test_a_bad_adapter_is_refused(make, patterns, base, adapter, tmp_path, capsys, no_weights_loaded):
-    bad = make(adapter, tmp_path / "bad-adapter")
-    rc = run_merge(bad, base, tmp_path / "merged")
-    assert_refused(capsys, tmp_path, tmp_path / "merged", rc, str(bad), *patterns)
+def test_a_bad_adapter_is_refused(alteration, patterns, base, adapter, tmp_path, capsys, no_weights_loaded):
+    bad = tmp_path / "bad-adapter"
+    if alteration is not None:
+        altered_copy(adapter, bad, **alteration)
+    refuse(capsys, bad, base, tmp_path / "merged", str(bad), *patterns)
 
 
-def _base_missing(base_dir: Path, directory: Path) -> Path:
-    return directory
-
-
-def _base_pickled(base_dir: Path, directory: Path) -> Path:
-    shutil.copytree(base_dir, directory)
-    os.rename(directory / "model.safetensors", directory / "pytorch_model.bin")
-    return directory
-
-
-def _base_without_config(base_dir: Path, directory: Path) -> Path:
-    shutil.copytree(base_dir, directory)
-    (directory / "config.json").unlink()
-    return directory
-
-
-def _base_with_bad_weights(base_dir: Path, directory: Path) -> Path:
-    shutil.copytree(base_dir, directory)
-    (directory / "model.safetensors").write_bytes(b"\xff" * 64)
-    return directory
-
-
-@pytest.mark.parametrize("make,patterns", [
-    (_base_missing, ["model directory does not exist"]),
-    (_base_pickled, ["holds no *.safetensors (found pickled pytorch_model.bin)", "safe_serialization=True"]),
-    (_base_without_config, ["no readable config.json"]),
-    (_base_with_bad_weights, ["safetensors files are unreadable"]),
+@pytest.mark.parametrize("alteration,patterns", [
+    (None, ["is not a local directory, and not a Hub id"]),
+    (dict(rename=[("model.safetensors", "pytorch_model.bin")]),
+     ["holds no *.safetensors (found pickled pytorch_model.bin)", "safe_serialization=True"]),
+    (dict(drop=["config.json"]), ["no readable config.json"]),
+    (dict(garbage=["model.safetensors"]), ["safetensors files are unreadable"]),
 ], ids=["missing", "pickled", "no config", "unreadable weights"])
-def test_a_bad_base_is_refused(make, patterns, base, adapter, tmp_path, capsys, no_weights_loaded):
-    bad = make(base, tmp_path / "bad-base")
-    rc = run_merge(adapter, bad, tmp_path / "merged")
-    assert_refused(capsys, tmp_path, tmp_path / "merged", rc, f"--base {bad}", *patterns)
+def test_a_bad_base_is_refused(alteration, patterns, base, adapter, tmp_path, capsys, no_weights_loaded):
+    bad = tmp_path / "bad-base"
+    if alteration is not None:
+        altered_copy(base, bad, **alteration)
+    refuse(capsys, adapter, bad, tmp_path / "merged", f"--base {bad}", *patterns)
 
 
-def test_a_failure_midway_leaves_nothing(base, adapter, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "interrupted"])
+def test_a_failure_midway_leaves_nothing(failure, base, adapter, tmp_path, capsys, monkeypatch):
     from transformers import PreTrainedModel
 
     original = PreTrainedModel.save_pretrained
 
-    def fill_the_disk(self, directory, **kwargs):
+    def fail_after_writing(self, directory, **kwargs):
         original(self, directory, **kwargs)
-        raise OSError(28, "No space left on device")
+        raise failure
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fill_the_disk)
-    rc = run_merge(adapter, base, tmp_path / "merged")
-    err = capsys.readouterr().err
-    assert rc == 1 and "failed, nothing was written" in err and "No space left on device" in err
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fail_after_writing)
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            run_merge(adapter, base, tmp_path / "merged")
+    else:
+        assert run_merge(adapter, base, tmp_path / "merged") == 1
+        err = capsys.readouterr().err
+        assert "failed, nothing was written" in err and "No space left on device" in err
     assert os.listdir(tmp_path) == []
