@@ -32,7 +32,8 @@ from areal_core.safetensors_writer import DTYPE_CODES
 from areal_core.staged_directory import fsync_files, staged_directory
 from areal_core.validation import check_model_dir, read_model_config
 
-#: What travels from the base directory unchanged, besides the weights and config.json.
+#: What travels from the base directory unchanged, besides the weights and config.json. A list,
+#: not "everything else": other files there (the demo's recipe marker, say) describe the base.
 COPIED_FILES = (
     "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -43,7 +44,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 class MergeError(ArealError):
-    """A merge was refused before any weight was loaded; nothing was written."""
+    """A merge refused (before any weight is loaded) or given up midway; nothing was written."""
 
 
 @attrs.frozen
