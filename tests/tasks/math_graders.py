@@ -23,3 +23,14 @@ def misbehaving(completion: str, reference: str, mode: str) -> float:
 
 
 NOT_CALLABLE = 42
+
+
+def digits_only(completion: str, reference: str, mode: str) -> float:
+    """For a run of the tiny model, whose completions are one token: hangs on a completion that
+    decodes to no text (a special or unused token), raises on one that is not a digit, and grades
+    a digit by equality with ``reference``."""
+    if not completion:
+        time.sleep(3600)
+    if not completion.isdigit():
+        raise ValueError(f"not a digit: {completion!r}")
+    return 1.0 if completion == reference else 0.0

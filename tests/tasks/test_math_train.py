@@ -58,22 +58,31 @@ def greedy_digit_rows(model_dir: str, directory: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def math_run(vllm_model, vllm_server, tmp_path_factory):
+def problems(vllm_model, tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("math-train")
     rows = greedy_digit_rows(str(vllm_model), directory)
     # the agreement check probes 256 tokens of the eval split: some 22 prompts of 12
     assert len(rows) >= 24, f"only {len(rows)} problems with a clear greedy digit: use more candidates"
-    path = write_jsonl(directory / "problems.jsonl", rows)
-    out = directory / "run"
+    return write_jsonl(directory / "problems.jsonl", rows)
+
+
+def train(vllm_model, vllm_server, problems: str, out: Path, *overrides):
+    """``areal train`` of 2 steps on ``problems`` (train and eval split); the records and the result."""
     cmd = [sys.executable, "-m", "areal_core.cli", "train", str(REPO / "examples" / "arithmetic_grpo_lora.yaml"),
            f"actor.path={vllm_model}", f"rollout.servers=[{vllm_server.addresses[0]}]", f"output_dir={out}",
            "actor.world_size=2", "train.batch_size=4", "gconfig.n_samples=4", "train.steps=2",
-           "train.eval_every=2", "train.eval_size=0", "gconfig.max_new_tokens=1", "gconfig.lora_name=math-e2e",
-           *DATASET_OVERRIDES, f"dataset.options.path={path}", f"dataset.options.eval_path={path}",
-           f"dataset.options.tokenizer_path={vllm_model}"]
+           "train.eval_every=2", "train.eval_size=0", "gconfig.max_new_tokens=1", *DATASET_OVERRIDES,
+           f"dataset.options.path={problems}", f"dataset.options.eval_path={problems}",
+           f"dataset.options.tokenizer_path={vllm_model}", *overrides]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], result
+
+
+@pytest.fixture(scope="module")
+def math_run(vllm_model, vllm_server, problems, tmp_path_factory):
+    return train(vllm_model, vllm_server, problems, tmp_path_factory.mktemp("math-run") / "run",
+                 "gconfig.lora_name=math-e2e")
 
 
 def test_a_right_answer_scores_1_through_the_run(math_run):
@@ -89,3 +98,18 @@ def test_every_step_records_the_graders_counts(math_run):
     for record in records[1:]:
         assert record["reward_grader_timeouts"] == 0 and record["reward_grader_errors"] == 0, record
         assert 0.0 <= record["reward_mean"] <= 1.0
+
+
+def test_gradings_that_hang_or_raise_score_0_and_the_run_goes_on(vllm_model, vllm_server, problems, tmp_path):
+    """A grader that hangs on every completion decoding to no text (a special or unused token:
+    about a third of the tiny model's samples) and raises on every other non-digit: each such
+    completion costs its answer, is counted, and the run finishes; digits are still graded."""
+    records, result = train(vllm_model, vllm_server, problems, tmp_path / "run", "gconfig.lora_name=math-faulty",
+                            "reward.options.grader=tests.tasks.math_graders:digits_only",
+                            "reward.options.timeout_seconds=1.0")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    steps = records[1:]
+    assert sum(r["reward_grader_timeouts"] for r in steps) > 0
+    assert sum(r["reward_grader_errors"] for r in steps) > 0
+    assert records[0]["eval_accuracy"] == 1.0  # the greedy digits, graded right by the same grader
+    assert "said once" in result.stderr
