@@ -35,3 +35,14 @@ def add_to_cache(hf_home: Path, repo_id: str, model_dir: Path, commit: str, bran
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / branch).write_text(commit)
     return snapshot
+
+
+def use_cache_offline(monkeypatch, hf_home: Path) -> None:
+    """Point this process (and its children) at ``hf_home``'s cache, offline. huggingface_hub
+    reads its environment at import, so its constants are set as well as the variables."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Path(hf_home) / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

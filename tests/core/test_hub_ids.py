@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from areal_core.hub import HubResolutionError, looks_like_hub_id, provenance_comment, resolve_model
-from tests.hf_cache import add_to_cache
+from tests.hf_cache import add_to_cache, use_cache_offline
 
 REPO = Path(__file__).resolve().parents[2]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -18,16 +18,10 @@ OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 @pytest.fixture
 def hf_home(tmp_path, vllm_model, monkeypatch):
     """HF_HOME in a temporary directory, holding tiny-org/tiny at COMMIT (main) and OTHER_COMMIT (dev)."""
-    from huggingface_hub import constants
-
     home = tmp_path / "hf"
     add_to_cache(home, "tiny-org/tiny", vllm_model, COMMIT)
     add_to_cache(home, "tiny-org/tiny", vllm_model, OTHER_COMMIT, branch="dev")
-    # huggingface_hub reads its environment at import: set both for this process and children
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    use_cache_offline(monkeypatch, home)
     return home
 
 

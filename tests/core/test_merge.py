@@ -176,14 +176,11 @@ def test_shards_hold_the_same_weights(base, adapter, token_ids, tmp_path):
 
 
 def test_the_base_may_be_a_hub_id_in_the_cache(base, adapter, token_ids, tmp_path, monkeypatch, capsys):
-    from huggingface_hub import constants
-
-    from tests.hf_cache import add_to_cache
+    from tests.hf_cache import add_to_cache, use_cache_offline
 
     home = tmp_path / "hf"
     add_to_cache(home, "tiny-org/merge-base", base, "0123456789abcdef0123456789abcdef01234567")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))  # read at import: set it here
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    use_cache_offline(monkeypatch, home)
     assert run_merge(adapter, "tiny-org/merge-base", tmp_path / "from-hub") == 0
     assert "models--tiny-org--merge-base/snapshots/0123456789abcdef" in capsys.readouterr().out
     assert run_merge(adapter, base, tmp_path / "from-directory") == 0
