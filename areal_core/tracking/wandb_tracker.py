@@ -22,4 +22,9 @@ class WandbTracker:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns before wandb's service has flushed the run's file; its teardown waits
+        # for that (seen: an offline run file still 7 bytes long just after finish())
+        wandb.teardown()
