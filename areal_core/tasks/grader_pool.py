@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,10 @@ class GraderStartError(ArealError):
 def _serve(connection: Connection) -> None:
     """The grading process: take the caller's import path and grader, say whether it imports,
     then answer calls until told to stop or the caller is gone."""
+    from areal_core.grpo.worker import _die_with_launcher
+
+    _die_with_launcher()  # a rank leaves by os._exit (no atexit): a hung grading must not outlive it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the caller's to handle, not a grading failure
     try:
         sys_path, grader_path = connection.recv()
         sys.path[:] = sys_path  # the caller's: a grader importable there is importable here

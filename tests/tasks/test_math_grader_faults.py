@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,46 @@ def test_the_loop_reads_the_counts_through_get_reward(text_tokenizer_dir, tokeni
 def test_bad_reward_options_are_refused_when_the_reward_is_built(options, error, message):
     with pytest.raises(error, match=message):
         get_reward("math", options)
+
+
+CALLER = """
+import os, sys, threading, time
+from areal_core.tasks.math import MathReward
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+reward = MathReward()
+def grade(text, **options):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return reward({"answer": "ok", "tokenizer_path": sys.argv[1]}, ids, grader=sys.argv[2], **options)
+print(int(grade("pid")), flush=True)
+threading.Thread(target=grade, args=("hang",), kwargs={"timeout_seconds": 3600.0}, daemon=True).start()
+time.sleep(1.0)
+os._exit(0)  # as a rank leaves: no atexit handler runs
+"""
+
+
+def test_a_hung_grading_process_dies_with_its_caller(text_tokenizer_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "caller.py"
+    script.write_text(CALLER)
+    repo = str(Path(__file__).resolve().parents[2])  # where tests.tasks.math_graders imports from
+    result = subprocess.run([sys.executable, str(script), text_tokenizer_dir, GRADER], capture_output=True,
+                            text=True, timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": repo})
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split()[0])
+    for _ in range(300):  # the kernel kills it as its parent dies; allow a loaded machine its time
+        if not alive(pid) or _is_zombie(pid):
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    pytest.fail(f"grading process {pid} outlived its caller")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False

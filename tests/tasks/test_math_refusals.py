@@ -29,6 +29,7 @@ def test_a_missing_column_stops_the_run_before_the_model_loads(servable_tiny_qwe
     said = [line for line in result.stderr.splitlines() if line.startswith("areal train: rank ")
             and "has no 'problem' field (its fields: prompt, solution, answer)" in line]
     assert said and "dataset.options.problem_column" in said[0], result.stderr[-3000:]
-    # nothing was loaded or launched: the run directory holds its config and empty folders only
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["adapters", "checkpoints", "config.yaml",
-                                                                      "logs"]
+    # nothing was loaded or launched: the run directory holds at most its config and empty folders
+    # (rank 0 may be stopped before it writes them, when rank 1 fails first)
+    files = [str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()] if out.exists() else []
+    assert files in ([], ["config.yaml"]), files
