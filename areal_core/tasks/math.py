@@ -31,6 +31,7 @@ what each mode grades right.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import threading
 
@@ -141,9 +142,13 @@ class MathReward:
         self._counts = {TIMEOUT_METRIC: 0, ERROR_METRIC: 0}
         self._said: set[str] = set()
 
-    def check_options(self, mode: str = "boxed", tokenizer_path: str = "", timeout_seconds: float = 5.0,
-                      grader: str = DEFAULT_GRADER, grader_processes: int = 1) -> None:
-        """TaskDataError naming a bad option and its fix (``get_reward`` calls this first)."""
+    def check_options(self, **options) -> None:
+        """TaskDataError naming a bad option of ``__call__`` and its fix (``get_reward`` calls this
+        first, once the option names are known to be right)."""
+        bound = inspect.signature(self.__call__).bind(None, None, **options)
+        bound.apply_defaults()
+        mode, timeout_seconds, grader, grader_processes = (
+            bound.arguments[name] for name in ("mode", "timeout_seconds", "grader", "grader_processes"))
         if mode not in MODES:
             raise TaskDataError(f"math reward option mode must be one of {', '.join(MODES)} (got {mode!r}): "
                                 f"boxed grades the last \\boxed{{}} alone, plain the whole completion")
