@@ -99,6 +99,7 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     from areal_core.grpo.publisher import AdapterPublisher
     from areal_core.grpo.run_dir import RunDirectory
     from areal_core.grpo.server_processes import record_launched_servers
+    from areal_core.grpo.server_start import BackgroundServerStart
     from areal_core.registry import default_registry
     from areal_core.grpo.server_recovery import say_on_stderr
     from areal_core.hub import provenance_comment
@@ -117,39 +118,43 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
         run_dir.write_config(config_to_dict(config), header=provenance_comment(config))
         trackers = Trackers(config.tracking, run_dir.root, config_to_dict(config), config.resume, say_on_stderr)
         run_dir.metric_sinks.append(trackers.log)
+    # bad data is refused before anything heavy starts
     dataset = get_dataset(config.dataset.name, config.dataset.options)
     reward_fn = get_reward(config.reward.name, config.reward.options)
 
     actor = config.actor
-    engine = registry.build_engine(actor.backend, config)
-    server = None
+    server = starting = engine = None
     try:
+        if comm.is_leader:  # the servers start while the ranks load, adapt and shard the model
+            server = registry.build_rollout_server(config.rollout.backend, config)
+            # even a half-started server must not outlive the run: its processes are recorded
+            starting = BackgroundServerStart(server, on_launched=record_launched_servers)
+        engine = registry.build_engine(actor.backend, config)
         engine.load_base_model()
         registry.call("areal_inject_adapter", actor.backend, engine=engine, actor=actor)
         registry.call("areal_shard_model", actor.backend, engine=engine, actor=actor)
         publisher = None
         if comm.is_leader:
-            server = registry.build_rollout_server(config.rollout.backend, config)
             publisher = AdapterPublisher(registry, config.rollout.backend, server, config.gconfig.lora_name,
                                          config.rollout.max_head_offpolicyness, base_model_path=actor.path)
 
-        def start_servers() -> None:
-            try:
-                server.start()
-            finally:
-                record_launched_servers()  # even a half-started server must not outlive the run
+        def servers_up() -> None:
+            starting.wait()
             publisher.adopt_server_state()
 
-        comm.leader_result(start_servers)  # every rank waits until the servers are up
+        comm.leader_result(servers_up)  # every rank waits until the servers are up
         loop = GRPOLoop(config, registry, engine, comm, run_dir, dataset, reward_fn, publisher,
                         on_server_restarted=record_launched_servers,
                         resume_command=resume_command(config_path, overrides))
         summary = loop.run()
     finally:
         _ignore_termination_signals()  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+        if starting is not None:
+            starting.thread.join()  # a start still under way ends before its server is stopped
         if server is not None:
             server.stop()
-        engine.close()
+        if engine is not None:
+            engine.close()
         if trackers is not None:
             trackers.close()
     if comm.is_leader:
