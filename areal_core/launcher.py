@@ -1,7 +1,7 @@
 """``areal train``: start the training ranks with torchrun's rendezvous on this machine.
 
-The same worker runs under a multi-node torchrun or Slurm's srun (see README, "Several
-machines"); here one node starts ``actor.world_size`` ranks through the c10d rendezvous on
+The same worker runs under a multi-node torchrun or Slurm's srun (see
+docs/multi-machine.md); here one node starts ``actor.world_size`` ranks through the c10d rendezvous on
 loopback, which is the path multi-node runs take too.
 
 Stopping, whatever the cause: torchrun runs in a session of its own, so a Ctrl-C (or a SIGTERM or

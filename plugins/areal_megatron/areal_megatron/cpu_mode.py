@@ -9,7 +9,7 @@ a thin stand-in for ``torch`` whose ``cuda.current_device()`` answers the CPU de
 RNG functions use the CPU generator. Everything else (``torch.cuda.is_available()``, tensors,
 ``torch.distributed``) is the real torch, and no other library sees any change.
 
-It is opt-in, documented in the plugin's README section, and refused where a GPU is present:
+It is opt-in, documented in docs/backends.md (Megatron), and refused where a GPU is present:
 - ``AREAL_MEGATRON_CPU_MODE=1`` in the environment (inherited by every training rank), or
 - ``actor.device: cpu`` with ``actor.backend: megatron``.
 On a GPU none of this is needed or applied.
