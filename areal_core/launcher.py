@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from areal_core.grpo.server_processes import RECORD_ENV, stop_recorded_servers
+from areal_core.parent_death import die_with_parent
 
 #: Seconds torchrun gives the ranks to stop (and rank 0 to stop its servers) before SIGKILL.
 SHUTDOWN_TIMEOUT = 90
@@ -47,17 +48,6 @@ def torchrun_command(config, config_path: str, overrides: list[str]) -> list[str
         "-m", "areal_core.grpo.worker",
         str(config_path), *overrides,
     ]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it when this launcher dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 class _Stop(Exception):
@@ -92,7 +82,7 @@ def launch(config, config_path: str, overrides: list[str], hub_overrides: list[s
     try:
         try:
             process = subprocess.Popen(torchrun_command(config, config_path, [*overrides, *hub_overrides]), env=env,
-                                       start_new_session=True, preexec_fn=_die_with_parent)
+                                       start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
             code = process.wait()
         except _Stop as stop:
             stopped_by = stop.signum

@@ -20,6 +20,7 @@ import signal
 import sys
 import traceback
 
+from areal_core.parent_death import die_with_parent
 from areal_core.process_exit import exit_now
 
 
@@ -172,27 +173,9 @@ def resume_command(config_path: str, overrides: list[str]) -> str:
     return shlex.join(["areal", "train", config_path, *kept, "resume=true"])
 
 
-def _die_with_launcher() -> None:
-    """torchrun starts each rank in a session of its own: if the launcher is SIGKILLed, the rank
-    would run on, orphaned. On Linux, ask the kernel to kill this rank when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    parent = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        return
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os._exit(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _die_with_launcher()
+    die_with_parent()  # torchrun starts each rank in a session of its own
     if not argv:
         print("usage: python -m areal_core.grpo.worker CONFIG [key=value ...]", file=sys.stderr)
         return 2

@@ -40,9 +40,9 @@ class GraderStartError(ArealError):
 def _serve(connection: Connection) -> None:
     """The grading process: take the caller's import path and grader, say whether it imports,
     then answer calls until told to stop or the caller is gone."""
-    from areal_core.grpo.worker import _die_with_launcher
+    from areal_core.parent_death import die_with_parent
 
-    _die_with_launcher()  # a rank leaves by os._exit (no atexit): a hung grading must not outlive it
+    die_with_parent()  # a rank leaves by os._exit (no atexit): a hung grading must not outlive it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the caller's to handle, not a grading failure
     try:
         sys_path, grader_path = connection.recv()
