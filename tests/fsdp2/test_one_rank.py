@@ -246,7 +246,7 @@ def test_checkpoint_swap_keeps_the_old_one_until_the_new_one_is_complete(one_ran
     def failing_fsync(root):
         raise OSError("device lost")
 
-    monkeypatch.setattr(checkpoint, "_fsync_tree", failing_fsync)
+    monkeypatch.setattr(checkpoint, "fsync_files", failing_fsync)
     engine.train_step(SEQUENCES, policy_gradient_loss)
     with pytest.raises(checkpoint.CheckpointError, match="device lost"):
         engine.save_checkpoint(str(target))

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from areal_core.errors import ArealError
+from areal_core.staged_directory import fsync_dir, fsync_files
 
 from areal_fsdp2 import rng_state
 from areal_fsdp2.distributed import broadcast_object, raise_together
@@ -84,23 +85,6 @@ def _trainable_model_state(model) -> dict:
     return {key: value for key, value in state.items() if key in trainable}
 
 
-def _fsync_dir(folder: str | os.PathLike) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under ``root`` (and ``root``) to disk."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(folder)
-
-
 def commit_directory(staging: Path, final: Path) -> None:
     """Put the complete ``staging`` directory in place of ``final`` (which may exist)."""
     previous = None
@@ -113,7 +97,7 @@ def commit_directory(staging: Path, final: Path) -> None:
         if previous is not None:
             os.rename(previous, final)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
 
@@ -190,7 +174,7 @@ def save_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
                 **_adapter_settings(engine),
             }
             (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            _fsync_tree(staging)
+            fsync_files(staging)
             commit_directory(staging, final)
         except Exception as exc:  # reported to every rank below
             shutil.rmtree(staging, ignore_errors=True)
