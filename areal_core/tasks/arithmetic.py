@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+from areal_core.tasks.epoch_order import train_row_index
 from areal_core.testing.tiny_models import (
     ARITHMETIC_SYMBOLS,
     BOS_ID,
@@ -100,25 +101,16 @@ class ArithmeticDataset:
                 raise TypeError(f"arithmetic dataset option {key} must be an integer (got {value!r})")
         self.seed, self.split_seed, self.held_out = seed, split_seed, held_out
         self.train_pairs, self.eval_pairs = split_pairs(split_seed, held_out)
-        self._epoch_cache: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
         """The number of train pairs (one epoch of the train stream)."""
         return len(self.train_pairs)
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            order = list(range(len(self.train_pairs)))
-            random.Random(f"{self.seed}/{epoch}").shuffle(order)
-            self._epoch_cache = (epoch, order)
-        return self._epoch_cache[1]
-
     def train_pair(self, position: int) -> tuple[int, int]:
         """The (a, b) of train record number ``position`` (0-based, across epochs)."""
         if position < 0:
             raise ValueError(f"a data position is >= 0 (got {position})")
-        epoch, index = divmod(position, len(self.train_pairs))
-        return self.train_pairs[self._epoch_order(epoch)[index]]
+        return self.train_pairs[train_row_index(self.seed, position, len(self.train_pairs))]
 
     def train_records(self, start: int = 0) -> Iterator[dict]:
         """The endless train stream from record number ``start`` on (resume by passing it).

@@ -17,6 +17,7 @@ import random
 from typing import Callable, Iterator
 
 from areal_core.tasks.data_files import FileLayout, TaskDataError
+from areal_core.tasks.epoch_order import train_row_index
 from areal_core.tasks.prompt_encoding import check_prompt_template, encode_prompts, load_tokenizer
 
 
@@ -33,18 +34,10 @@ class PromptDataset:
         self.name = name
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.seed, self.dropped, self.tokenizer_path = seed, dropped, tokenizer_path
-        self._epoch_cache: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
         """The number of train rows (one epoch of the train stream)."""
         return len(self.train_rows)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            order = list(range(len(self.train_rows)))
-            random.Random(f"{self.seed}/{epoch}").shuffle(order)
-            self._epoch_cache = (epoch, order)
-        return self._epoch_cache[1]
 
     def _record(self, row: dict) -> dict:
         return {**row, "prompt_ids": list(row["prompt_ids"]), "tokenizer_path": self.tokenizer_path}
@@ -58,8 +51,7 @@ class PromptDataset:
             raise ValueError(f"a data position is >= 0 (got {start})")
         position = start
         while True:
-            epoch, index = divmod(position, len(self.train_rows))
-            record = self._record(self.train_rows[self._epoch_order(epoch)[index]])
+            record = self._record(self.train_rows[train_row_index(self.seed, position, len(self.train_rows))])
             record["position"] = position
             yield record
             position += 1
