@@ -60,9 +60,9 @@ def check_config(config_path: str | None, overrides: list[str], download: bool =
     hub_overrides = path_overrides(resolved)
     if hub_overrides:
         config, errors = load_config(config_path, [*overrides, *hub_overrides])
-    unresolved = {e.key for e in hub_errors}  # the model checks would only repeat "no such directory"
-    errors += hub_errors + [e for e in validate(config, _registry())
-                            if e not in errors and not (e.key in unresolved and e.key == "actor.path")]
+    # an unresolved actor.path: the model checks would only repeat "no such directory"
+    repeats = "actor.path" if any(e.key == "actor.path" for e in hub_errors) else None
+    errors += hub_errors + [e for e in validate(config, _registry()) if e not in errors and e.key != repeats]
     return config, errors, hub_overrides
 
 

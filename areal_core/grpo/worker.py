@@ -116,8 +116,9 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     trackers = None
     if comm.is_leader:
         run_dir.create()
-        run_dir.write_config(config_to_dict(config), header=provenance_comment(config))
-        trackers = Trackers(config.tracking, run_dir.root, config_to_dict(config), config.resume, say_on_stderr)
+        resolved = config_to_dict(config)
+        run_dir.write_config(resolved, header=provenance_comment(config))
+        trackers = Trackers(config.tracking, run_dir.root, resolved, config.resume, say_on_stderr)
         run_dir.metric_sinks.append(trackers.log)
     # bad data is refused before anything heavy starts
     dataset = get_dataset(config.dataset.name, config.dataset.options)

@@ -67,24 +67,26 @@ class Trackers:
             self.open = self._open_all(first_step=step)
         metrics = scalars(record, adapter)
         for tracker in self.open:
-            self._guarded(tracker.name, "log", lambda: tracker.log(metrics, step))
+            try:
+                tracker.log(metrics, step)
+            except Exception as exc:  # a tracker must never stop training; it is tried again next step
+                self._warn_once(tracker.name, "log", exc)
 
     def close(self) -> None:
         for tracker in self.open or []:
-            self._guarded(tracker.name, "close", tracker.close)
+            try:
+                tracker.close()
+            except Exception as exc:
+                self._warn_once(tracker.name, "close", exc)
         self.open = []
 
-    def _guarded(self, name: str, what: str, action: Callable[[], object]) -> bool:
-        try:
-            action()
-            return True
-        except Exception as exc:  # a tracker must never stop training
-            if name not in self.warned:
-                self.warned.add(name)
-                self.warn(f"areal train: tracker {name} failed to {what}: {type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; training goes on "
-                          f"(metrics.jsonl has every figure; said once)")
-            return False
+    def _warn_once(self, name: str, what: str, exc: Exception) -> None:
+        if name in self.warned:
+            return
+        self.warned.add(name)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        self.warn(f"areal train: tracker {name} failed to {what}: {type(exc).__name__}: {detail}; "
+                  f"training goes on (metrics.jsonl has every figure; said once)")
 
     def _open_all(self, first_step: int) -> list:
         state_path = self.output_dir / STATE_FILE
@@ -94,12 +96,12 @@ class Trackers:
                 state = json.loads(state_path.read_text())
             except (OSError, ValueError):
                 state = {}
-        run_name = self.output_dir.name
         opened = []
         for name in requested(self.config):
-            holder = []
-            if self._guarded(name, "open", lambda: holder.append(self._open_one(name, state, run_name, first_step))):
-                opened.append(holder[0])
+            try:
+                opened.append(self._open_one(name, state, self.output_dir.name, first_step))
+            except Exception as exc:  # skipped for the run; the others still track
+                self._warn_once(name, "open", exc)
         try:
             state_path.write_text(json.dumps(state, indent=1) + "\n")
         except OSError as exc:
