@@ -218,6 +218,46 @@ class TrackingConfig:
 
 
 @attrs.frozen
+class AdapterConfig:
+    """One of several LoRA adapters trained side by side on the one frozen base (``adapters:``).
+
+    ``areal_core.config_loader`` fills every key an entry leaves out from the run's own settings
+    (``actor.*``, ``actor.optimizer`` key by key, ``train.batch_size``,
+    ``rollout.max_head_offpolicyness``, ``gconfig`` key by key, ``dataset``, ``reward``), so a
+    loaded entry is complete; the defaults below are those same settings' defaults.
+    """
+
+    name: str = ""
+    lora_rank: int = 16
+    lora_alpha: float = 32
+    target_modules: list[str] = attrs.field(factory=lambda: [ALL_LINEAR], converter=_list_of_str)
+    peft_type: str = "lora"
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    batch_size: int = 16
+    max_head_offpolicyness: int = 0
+    gconfig: GenerationConfig = attrs.field(factory=GenerationConfig)
+    dataset: DatasetConfig = attrs.field(factory=DatasetConfig)
+    reward: RewardConfig = attrs.field(factory=RewardConfig)
+
+
+#: The keys of an ``adapters:`` entry that default to a setting of the run, and where from.
+ADAPTER_DEFAULTS_FROM = {
+    "lora_rank": "actor.lora_rank",
+    "lora_alpha": "actor.lora_alpha",
+    "target_modules": "actor.target_modules",
+    "peft_type": "actor.peft_type",
+    "optimizer": "actor.optimizer",
+    "batch_size": "train.batch_size",
+    "max_head_offpolicyness": "rollout.max_head_offpolicyness",
+    "gconfig": "gconfig",
+    "dataset": "dataset",
+    "reward": "reward",
+}
+#: Of those, the mappings an entry overrides key by key (the others it replaces whole).
+ADAPTER_MERGED_KEYS = ("optimizer", "gconfig")
+
+
+@attrs.frozen
 class RunConfig:
     """The whole configuration of ``areal train``."""
 
@@ -228,5 +268,12 @@ class RunConfig:
     dataset: DatasetConfig = attrs.field(factory=DatasetConfig)
     reward: RewardConfig = attrs.field(factory=RewardConfig)
     tracking: TrackingConfig = attrs.field(factory=TrackingConfig)
+    # several adapters on one base (areal_core.adapters); empty: the one adapter gconfig.lora_name
+    adapters: list[AdapterConfig] = attrs.field(factory=list, converter=list)
     output_dir: str = "runs/default"
     resume: bool = False
+
+    @property
+    def multi_adapter(self) -> bool:
+        """The run lists ``adapters:`` (even one): the run directory and metrics are per adapter."""
+        return bool(self.adapters)

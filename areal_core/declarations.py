@@ -33,6 +33,7 @@ class LoraSupport:
 
     ``status`` is READY only when the code behind it exists. ``reason`` explains any other status
     in words a user can act on. ``transports`` lists what an engine produces or a server accepts.
+    ``multi_adapter``: the backend handles several adapters on one base at once.
     ``max_rank`` is the largest adapter rank the backend handles (None: no limit); ``allowed_ranks``
     the ranks a server's start-up flag may take (None: any integer). ``unservable_modules`` names
     module kinds a server cannot carry LoRA on (``lm_head``, embeddings, ...).
@@ -47,6 +48,10 @@ class LoraSupport:
     transports: tuple[str, ...] = (PEFT_DIRECTORY,)
     unservable_modules: tuple[str, ...] = ()
     target_module_syntax: str = "names"  # "names" (exact short names) or "regex" accepted
+    # several adapters at once on one base: an engine trains them in one step, a server serves
+    # every one's versions side by side (hookspecs: "Several adapters"); False refuses `adapters:`
+    # lists of more than one
+    multi_adapter: bool = False
 
     @property
     def ready(self) -> bool:

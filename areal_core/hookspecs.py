@@ -21,6 +21,16 @@ Wrapping another plugin's step: implement the same hook with
 receives the wrapped step's answer, and what you return replaces it), or with
 ``@hookimpl(tryfirst=True)`` to answer before the owner does.
 
+Several adapters on one base (``adapters:``): the core injects each adapter with its own
+``areal_inject_adapter`` call, naming it in ``adapter_name`` (its ``actor`` carries that adapter's
+rank, alpha, target modules and optimizer), shards once, and names the adapter in every
+``areal_export_adapter`` call and in ``Engine.compute_logprobs``/``Engine.train_step``
+(``adapter=``). Servers need no new argument: a version name ``<adapter>-v<N>`` says which adapter
+it is. A backend declares that it handles several adapters with ``LoraSupport.multi_adapter``; the
+core refuses a list of more than one for a pair where either side does not, before anything
+starts. A backend written for one adapter needs no change: an implementation that does not name
+``adapter_name`` is not given it, and a one-adapter run never passes ``adapter=``.
+
 Keep the module an entry point names light: the registry imports it to list plugins and build
 the support matrix, and ``areal plugins``/``areal matrix`` must not import torch. Import your
 runtime inside the hook bodies.
@@ -97,10 +107,14 @@ def areal_validate_config(backend: str, config: RunConfig) -> list[Any] | None:
 
 
 @hookspec(firstresult=True)
-def areal_inject_adapter(backend: str, engine: Engine, actor: ActorConfig) -> Engine | None:
+def areal_inject_adapter(backend: str, engine: Engine, actor: ActorConfig,
+                         adapter_name: str) -> Engine | None:
     """Wrap the engine's model's target modules with LoRA (step 1 of 4).
 
-    Called on every rank after ``engine.load_base_model()``. ``actor`` carries ``lora_rank``,
+    Called on every rank after ``engine.load_base_model()``, once per adapter of the run in the
+    order listed; ``adapter_name`` names the adapter (``gconfig.lora_name`` for a run without
+    ``adapters:``). Each adapter has its own parameters, initialised from ``train.seed`` and its
+    position in the list, and its own optimizer, built by ``areal_shard_model``. ``actor`` carries ``lora_rank``,
     ``lora_alpha``, ``target_modules`` (``["all-linear"]`` or short module names) and
     ``peft_type``. Must refuse target modules that match nothing (listing the model's linear
     modules), peft types other than ``lora``, and models it cannot adapt (for example
@@ -115,7 +129,9 @@ def areal_inject_adapter(backend: str, engine: Engine, actor: ActorConfig) -> En
 def areal_shard_model(backend: str, engine: Engine, actor: ActorConfig) -> Engine | None:
     """Shard the adapted model over the training ranks (step 2 of 4) and build its optimizer.
 
-    Called on every rank after ``areal_inject_adapter``. FSDP2 applies ``fully_shard``; Megatron
+    Called on every rank once, after every adapter's ``areal_inject_adapter``, with the first
+    adapter's ``actor``. One optimizer per adapter, each over that adapter's parameters with that
+    adapter's ``actor.optimizer`` (the ``actor`` its injection was given). FSDP2 applies ``fully_shard``; Megatron
     has already split its layers by tensor parallelism and wires data parallelism here. The
     optimizer covers the trainable parameters only.
 
@@ -125,9 +141,12 @@ def areal_shard_model(backend: str, engine: Engine, actor: ActorConfig) -> Engin
 
 @hookspec(firstresult=True)
 def areal_export_adapter(
-    backend: str, engine: Engine, directory: str, version: int
+    backend: str, engine: Engine, directory: str, version: int, adapter_name: str
 ) -> ExportedAdapter | None:
     """Gather the adapter from the shards and write it in the interchange format (step 3 of 4).
+
+    ``adapter_name`` says which of the run's adapters (as injected); the directory holds that
+    one only (``adapters/<name>/v<N>`` for a run with ``adapters:``).
 
     Called collectively on every rank; only the adapter is gathered (never the full model).
     Rank 0 writes the PEFT LoRA directory ``directory`` atomically (temporary directory, then
@@ -145,8 +164,9 @@ def areal_load_rollout_adapter(
 ) -> str | None:
     """Make an exported adapter live on the inference server (step 4 of 4). Rank 0 only.
 
-    ``lora_name`` is the version name ``<gconfig.lora_name>-v<N>``; the core never passes a
-    name twice. The implementation loads the directory (``adapter.path``) and confirms the
+    ``lora_name`` is the version name ``<adapter>-v<N>`` (``<gconfig.lora_name>-v<N>`` without
+    ``adapters:``); the core never passes a name twice. With several adapters the server holds
+    every adapter's live versions at once, each adapter's numbered on their own. The implementation loads the directory (``adapter.path``) and confirms the
     server lists the name before returning. On refusal it raises
     ``areal_core.errors.AdapterLoadError`` with the server's message, leaving the versions
     already loaded serving.

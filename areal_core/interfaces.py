@@ -105,17 +105,26 @@ class Engine(Protocol):
         """Load the base model from ``config.actor.path`` (a local HF directory)."""
 
     def compute_logprobs(
-        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
+        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False,
+        adapter: str | None = None,
     ) -> list["torch.Tensor"]:
         """Per-token log-probabilities of each sequence under the current policy.
+
+        ``adapter`` names which of several injected adapters is the policy; a one-adapter run
+        never passes it (None: the only adapter).
 
         Returns one float32 CPU tensor of length ``len(seq) - 1`` per sequence. With
         ``disable_adapter=True`` the adapter is bypassed: the base model's log-probabilities,
         for a KL term without a second model in memory. No gradients are kept.
         """
 
-    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn,
+                   adapter: str | None = None) -> dict[str, float]:
         """One optimisation step on this rank's ``sequences``.
+
+        ``adapter`` (None: the only one) names the adapter trained: only its parameters get a
+        gradient, clipped on their own and stepped by its own optimizer at its own rate; the
+        other adapters are untouched. k below counts that adapter's steps.
 
         The engine splits them into micro-batches by its token budget, calls ``loss_fn`` on each,
         back-propagates, makes the gradient that of the sum of all ranks' losses, clips it and
@@ -125,7 +134,8 @@ class Engine(Protocol):
         """
 
     def save_checkpoint(self, directory: str) -> None:
-        """Write adapter, optimizer state and RNG state to ``directory`` atomically."""
+        """Write every adapter with its optimizer state and step count, and the RNG state, to
+        ``directory`` atomically."""
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore what ``save_checkpoint`` wrote."""
@@ -151,6 +161,10 @@ class RolloutServer(Protocol):
 
     def load_adapter(self, adapter: ExportedAdapter, lora_name: str) -> None:
         """Make ``adapter`` live under ``lora_name`` and confirm the server lists it.
+
+        ``lora_name`` is ``<adapter>-v<N>``; a server that declares ``LoraSupport.multi_adapter``
+        holds the live versions of every adapter of the run at once, and a generate call may run
+        beside calls naming other adapters (the server batches them together).
 
         Raises ``areal_core.errors.AdapterLoadError`` with the server's message on refusal;
         the adapters already loaded keep serving.

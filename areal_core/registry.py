@@ -139,8 +139,14 @@ class Registry:
     # --- hook routing -------------------------------------------------------------------------
 
     def call(self, hook: str, backend: str, **kwargs: Any) -> Any:
-        """Call a firstresult hook for one backend; raise UnhandledHookError if none answers."""
+        """Call a firstresult hook for one backend; raise UnhandledHookError if none answers.
+
+        Arguments added to a spec after it was first published (``OPTIONAL_HOOK_ARGUMENTS``) may
+        be left out by a caller written before them; they are then passed as None.
+        """
         caller = getattr(self.manager.hook, hook)
+        for name in OPTIONAL_HOOK_ARGUMENTS.get(hook, ()):
+            kwargs.setdefault(name, None)
         result = caller(backend=backend, **kwargs)
         if result is None:
             raise UnhandledHookError(hook, backend, sorted(self._declarations))
@@ -151,6 +157,13 @@ class Registry:
 
     def build_rollout_server(self, backend: str, config) -> Any:
         return self.call("areal_build_rollout_server", backend, config=config)
+
+
+#: Spec arguments a caller may omit (None then): ``adapter_name`` came with several adapters.
+OPTIONAL_HOOK_ARGUMENTS = {
+    "areal_inject_adapter": ("adapter_name",),
+    "areal_export_adapter": ("adapter_name",),
+}
 
 
 @functools.lru_cache(maxsize=1)
