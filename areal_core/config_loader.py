@@ -5,11 +5,18 @@ interpolation; the resolved tree is then converted into the attrs classes of
 ``areal_core.config``, collecting a ``ConfigError`` for each unknown key (with the closest valid
 key suggested) and each value of the wrong type. A field with a bad value keeps its default so
 that the remaining checks can still run and report their own errors.
+
+``adapters:`` entries are converted the same way, each keyed ``adapters.<name>.<key>``; the keys an
+entry leaves out are filled from the run's own (converted) settings first
+(``config.ADAPTER_DEFAULTS_FROM``; ``optimizer`` and ``gconfig`` key by key), so a loaded
+``AdapterConfig`` is complete. A command-line override names an entry by its name,
+``adapters.<name>.<key>=value`` (or by its index, ``adapters.<i>.<key>=value``).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from areal_core.config import RunConfig
+from areal_core.config import ADAPTER_DEFAULTS_FROM, ADAPTER_MERGED_KEYS, AdapterConfig, RunConfig
 from areal_core.errors import ConfigError, ConfigInvalid
 
 
@@ -107,6 +114,31 @@ REFERENCE_NAMES = {
 }
 
 
+def _attrs_item_type(tp: Any) -> type | None:
+    """``X`` of ``list[X]`` where ``X`` is an attrs class; None otherwise."""
+    if typing.get_origin(tp) is list:
+        args = typing.get_args(tp)
+        if len(args) == 1 and attrs.has(args[0]):
+            return args[0]
+    return None
+
+
+def entry_prefix(prefix: str, items: list, index: int) -> str:
+    """How the keys of list entry ``index`` are named: ``<prefix>.<name>`` for an entry with a
+    name no other entry has (``adapters.sub``), ``<prefix>[<index>]`` otherwise."""
+    item = items[index]
+    name = item.get("name") if isinstance(item, dict) else None
+    names = [i.get("name") for i in items if isinstance(i, dict)]
+    if isinstance(name, str) and name and names.count(name) == 1 and not any(c in name for c in " \t\n[]="):
+        return f"{prefix}.{name}"
+    return f"{prefix}[{index}]"
+
+
+def build_list(cls: type, items: list, prefix: str, errors: list[ConfigError]) -> list:
+    """Build each entry of a list of attrs class ``cls`` (keys named as ``entry_prefix`` says)."""
+    return [build(cls, item, entry_prefix(prefix, items, i), errors) for i, item in enumerate(items)]
+
+
 def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
     """Build attrs class ``cls`` from ``data``, appending problems to ``errors``."""
     if data is None:
@@ -140,6 +172,14 @@ def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
         nullable, inner = _optional(tp)
         if attrs.has(inner):
             kwargs[key] = None if (nullable and value is None) else build(inner, value, path, errors)
+            continue
+        item_type = _attrs_item_type(inner)
+        if item_type is not None:
+            if value is None or isinstance(value, list):
+                kwargs[key] = build_list(item_type, value or [], path, errors)
+            else:
+                errors.append(ConfigError(path, value, f"expected a list of {item_type.__name__} entries",
+                                          f"write {path} as a YAML list (- name: ... lines)"))
             continue
         ok, converted = _convert_scalar(value, tp)
         if not ok:
@@ -208,13 +248,117 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Run
                                       "write e.g. actor.lora_rank=8"))
             continue
         try:
-            tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([override]))
+            if _ADAPTER_OVERRIDE.match(override.split("=", 1)[0]):
+                _apply_adapter_override(tree, override, errors)
+            else:
+                tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([override]))
         except (OmegaConfBaseException, ValueError) as exc:
             errors.append(ConfigError(override.split("=", 1)[0], override.split("=", 1)[1],
                                       f"cannot apply override: {exc}", "check the key and value"))
     data = _resolve(tree, errors)
+    raw_adapters = data.pop("adapters", None) if isinstance(data, dict) else None
     config = build(RunConfig, data, "", errors)
+    if raw_adapters is not None:
+        if not isinstance(raw_adapters, list):
+            errors.append(ConfigError("adapters", raw_adapters, "expected a list of adapter entries",
+                                      "write adapters: as a YAML list, one '- name: ...' entry per adapter"))
+        else:
+            filled = [fill_adapter_entry(entry, config, entry_prefix("adapters", raw_adapters, i), errors)
+                      for i, entry in enumerate(raw_adapters)]
+            config = attrs.evolve(config, adapters=build_list(AdapterConfig, filled, "adapters", errors))
     return config, errors
+
+
+def _run_setting(config: RunConfig, path: str) -> Any:
+    """The converted value at dotted ``path`` of ``config``, as plain data (mappings as dicts)."""
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    if attrs.has(type(value)):
+        return config_to_dict(value)
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def fill_adapter_entry(entry: Any, config: RunConfig, prefix: str, errors: list[ConfigError]) -> Any:
+    """``entry`` (one raw ``adapters:`` item) with every key it leaves out taken from the run's own
+    settings (``ADAPTER_DEFAULTS_FROM``): ``optimizer`` and ``gconfig`` key by key over
+    ``actor.optimizer`` and ``gconfig``, the others whole. ``gconfig.lora_name`` is the entry's
+    name; an entry naming another is refused. An entry that is not a mapping is returned as is
+    (``build`` reports it)."""
+    if not isinstance(entry, dict):
+        return entry
+    filled = dict(entry)
+    name = entry.get("name")
+    gconfig = entry.get("gconfig")
+    if isinstance(gconfig, dict) and "lora_name" in gconfig:
+        if gconfig["lora_name"] != name:  # equal: a run directory's own config.yaml read back
+            errors.append(ConfigError(
+                f"{prefix}.gconfig.lora_name", gconfig["lora_name"],
+                "an adapter's lora name is its name: its versions are served as <name>-v<N>",
+                f"delete {prefix}.gconfig.lora_name (and give the adapter the name you want in 'name:')"))
+        filled["gconfig"] = {k: v for k, v in gconfig.items() if k != "lora_name"}
+    for key, source in ADAPTER_DEFAULTS_FROM.items():
+        inherited = _run_setting(config, source)
+        if key not in filled:
+            filled[key] = inherited
+        elif key in ADAPTER_MERGED_KEYS and isinstance(filled[key], dict):
+            filled[key] = {**inherited, **filled[key]}
+    if isinstance(filled.get("gconfig"), dict) and isinstance(name, str):
+        filled["gconfig"] = {**filled["gconfig"], "lora_name": name}
+    return filled
+
+
+#: ``adapters.<name or index>[.<key>...]`` and ``adapters[<index>][.<key>...]``.
+_ADAPTER_OVERRIDE = re.compile(r"^adapters(\.|\[)")
+
+
+def _adapter_names(tree) -> list:
+    from omegaconf import OmegaConf
+
+    adapters = OmegaConf.to_container(tree, resolve=False).get("adapters") if "adapters" in tree else None
+    if not isinstance(adapters, list):
+        return []
+    return [entry.get("name") if isinstance(entry, dict) else None for entry in adapters]
+
+
+def _apply_adapter_override(tree, override: str, errors: list[ConfigError]) -> None:
+    """Apply ``adapters.<name>.<key>=value`` (or ``adapters.<i>...``, ``adapters[<i>]...``) to the
+    entry of that name (index) in ``tree``; an unknown name or index is reported."""
+    from omegaconf import OmegaConf
+
+    key, raw_value = override.split("=", 1)
+    names = _adapter_names(tree)
+    listed = ", ".join(str(n) for n in names) if names else "none (the config has no adapters: list)"
+    rest = key[len("adapters"):]
+    index: int | None = None
+    bracket = re.match(r"^\[(\d+)\](.*)$", rest)
+    if bracket:
+        index, rest = int(bracket.group(1)), bracket.group(2)
+    else:
+        rest = rest[1:]  # after "adapters."
+        # the longest name the key starts with (a name may hold dots)
+        for i, name in sorted(enumerate(names), key=lambda item: -len(str(item[1]))):
+            if isinstance(name, str) and name and (rest == name or rest.startswith(name + ".")):
+                index, rest = i, rest[len(name):]
+                break
+        else:
+            head = rest.split(".", 1)[0]
+            if head.isdigit():
+                index, rest = int(head), rest[len(head):]
+            else:
+                errors.append(ConfigError(key, raw_value, f"no adapter named {head!r}",
+                                          f"name one of the adapters listed: {listed}"))
+                return
+    if index >= len(names):
+        errors.append(ConfigError(key, raw_value, f"no adapter at index {index} (the list has {len(names)})",
+                                  f"use an index below {len(names)} or a name: {listed}"))
+        return
+    if rest and not rest.startswith("."):
+        errors.append(ConfigError(key, raw_value, "malformed adapter override",
+                                  "write adapters.<name>.<key>=value, e.g. adapters.sub.lora_rank=32"))
+        return
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw_value}"]), resolve=False)["value"]
+    OmegaConf.update(tree, f"adapters[{index}]{rest}", value, merge=True)
 
 
 def load_config_or_raise(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

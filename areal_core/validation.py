@@ -4,6 +4,13 @@
 ranges of single values, the model directory, the chosen engine and server (installed, LoRA
 ready, the pair supported, the rank and target modules servable), then each chosen plugin's own
 ``areal_validate_config`` hook. Nothing here loads a model or starts a process.
+
+A run with ``adapters:`` is checked once more per adapter (``check_adapters``): its name, and
+its own settings through the same rules run on its view of the run
+(``areal_core.adapters.adapter_run_config``), reported under ``adapters.<name>.<key>``; the
+backend checks take each adapter's rank and target modules, refuse several adapters on a pair
+that does not declare ``LoraSupport.multi_adapter``, and add up the versions the adapters keep
+live against ``rollout.max_loras``.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ import json
 import re
 from pathlib import Path
 
+from areal_core.adapters import adapter_run_config, run_adapters
 from areal_core.config import (AGREEMENT_POLICIES, ALL_LINEAR, DTYPES, LOSS_AGG_MODES, LR_SCHEDULES,
-                               NORM_LEVELS, WANDB_MODES, RunConfig)
+                               NORM_LEVELS, WANDB_MODES, ADAPTER_DEFAULTS_FROM, AdapterConfig, RunConfig)
 from areal_core.declarations import ENGINE, SERVER
 from areal_core.errors import ConfigError
 from areal_core.registry import Registry
+from areal_core.versions import live_versions_needed
 
 #: config.json keys whose presence (with a value > 0) marks a mixture-of-experts model.
 MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
@@ -111,8 +120,9 @@ def check_values(config: RunConfig) -> list[ConfigError]:
            "rollouts must be sampled (temperature > 0)", "use 1.0 to sample the policy itself")
     _check(errors, 0 < g.top_p <= 1, "gconfig.top_p", g.top_p, "must lie in (0, 1]", "use 1.0")
     _check(errors, g.top_k >= 0, "gconfig.top_k", g.top_k, "must be >= 0", "use 0 (off)")
-    _check(errors, bool(_LORA_NAME.match(g.lora_name)), "gconfig.lora_name", g.lora_name,
-           "adapter names use letters, digits, '_', '.' and '-'", "use e.g. lora")
+    if not config.adapters:  # with adapters: each is named by its entry, gconfig.lora_name is unused
+        _check(errors, bool(_LORA_NAME.match(g.lora_name)), "gconfig.lora_name", g.lora_name,
+               "adapter names use letters, digits, '_', '.' and '-'", "use e.g. lora")
     if g.max_new_tokens >= r.max_model_len:
         errors.append(ConfigError("gconfig.max_new_tokens", g.max_new_tokens,
                                   f"must be below rollout.max_model_len ({r.max_model_len})",
@@ -263,18 +273,184 @@ def check_backends(config: RunConfig, registry: Registry) -> list[ConfigError]:
                                   f"this combination is not supported: {registry.why_not(engine_name, server_name)}",
                                   "choose a supported pair (see `areal matrix`)"))
         return errors
-    rank = config.actor.lora_rank
-    for decl in (engine, server):
-        lora = decl.lora
-        key = "actor.lora_rank"
-        if lora.max_rank is not None and rank > lora.max_rank:
-            errors.append(ConfigError(key, rank, f"{decl.kind} {decl.name} handles ranks up to {lora.max_rank}",
-                                      f"use lora_rank <= {lora.max_rank}"))
-    bad = sorted(set(config.actor.target_modules) & set(server.lora.unservable_modules))
-    if bad:
-        errors.append(ConfigError("actor.target_modules", bad,
-                                  f"server {server.name} cannot serve LoRA on {', '.join(bad)}",
-                                  "target linear projections only (e.g. [all-linear])"))
+    # each adapter's rank and modules (the top-level actor.* for a run without adapters:)
+    for adapter, prefix in _adapter_prefixes(config):
+        rank = adapter.lora_rank
+        for decl in (engine, server):
+            limit = _rank_limit(decl)
+            if limit is not None and rank > limit:
+                errors.append(ConfigError(f"{prefix}lora_rank", rank,
+                                          f"{decl.kind} {decl.name} handles ranks up to {limit}",
+                                          f"use lora_rank <= {limit}"))
+        bad = sorted(set(adapter.target_modules) & set(server.lora.unservable_modules))
+        if bad:
+            errors.append(ConfigError(f"{prefix}target_modules", bad,
+                                      f"server {server.name} cannot serve LoRA on {', '.join(bad)}",
+                                      "target linear projections only (e.g. [all-linear])"))
+    return errors
+
+
+def _rank_limit(decl) -> int | None:
+    """The largest rank ``decl`` takes: its ``max_rank``, and the largest of its ``allowed_ranks``
+    (a server's start-up flag holds every rank up to its value); None: no limit."""
+    limits = [decl.lora.max_rank] if decl.lora.max_rank is not None else []
+    if decl.lora.allowed_ranks:
+        limits.append(max(decl.lora.allowed_ranks))
+    return min(limits) if limits else None
+
+
+def check_multi_adapter(config: RunConfig, registry: Registry) -> list[ConfigError]:
+    """More than one adapter needs an engine and a server that both declare ``multi_adapter``
+    (a list of one runs on any pair). Call after ``check_backends`` found both installed."""
+    engine = registry.declaration(config.actor.backend)
+    server = registry.declaration(config.rollout.backend)
+    if len(config.adapters) <= 1 or engine is None or server is None:
+        return []
+    names = [a.name or "(no name)" for a in config.adapters]
+    errors = []
+    if not engine.lora.multi_adapter:
+        others = [e for e in registry.engines() if e != engine.name
+                  and registry.declaration(e).lora.multi_adapter and registry.supports(e, server.name)]
+        instead = f"use actor.backend={' or '.join(others)} or " if others else ""
+        errors.append(ConfigError(
+            "actor.backend", engine.name,
+            f"{engine.name} does not train several adapters at once yet (its declaration has no "
+            f"multi_adapter); the config lists {len(names)}: {', '.join(names)}",
+            f"{instead}list one adapter under adapters: (train the others in runs of their own)"))
+    if not server.lora.multi_adapter:
+        others = [s for s in registry.servers() if s != server.name
+                  and registry.declaration(s).lora.multi_adapter and registry.supports(engine.name, s)]
+        instead = f"use rollout.backend={' or '.join(others)} or " if others else ""
+        errors.append(ConfigError(
+            "rollout.backend", server.name,
+            f"{server.name} does not serve several adapters' versions side by side yet (its "
+            f"declaration has no multi_adapter); the config lists {len(names)}: {', '.join(names)}",
+            f"{instead}list one adapter under adapters: (train the others in runs of their own)"))
+    return errors
+
+
+def entry_label(config: RunConfig, index: int) -> str:
+    """How entry ``index`` of ``adapters:`` is named in errors: ``adapters.<name>``, or
+    ``adapters[<index>]`` when its name is empty, shared with another entry or holds whitespace
+    (as the loader names it)."""
+    name = config.adapters[index].name
+    names = [a.name for a in config.adapters]
+    if name and names.count(name) == 1 and not any(c.isspace() or c in "[]=" for c in name):
+        return f"adapters.{name}"
+    return f"adapters[{index}]"
+
+
+def _adapter_prefixes(config: RunConfig) -> list[tuple[AdapterConfig, str]]:
+    """Each adapter with what its own settings are reported under: ``adapters.<name>.`` for an
+    entry of ``adapters:``, ``actor.`` for the one adapter of a run without it."""
+    if not config.adapters:
+        return [(adapter, "actor.") for adapter in run_adapters(config)]
+    return [(adapter, entry_label(config, i) + ".") for i, adapter in enumerate(config.adapters)]
+
+
+#: A name ending like a version name ``<adapter>-v<N>``.
+_VERSION_SUFFIX = re.compile(r"-v[0-9]+$")
+
+
+def served_model_names(config: RunConfig) -> set[str]:
+    """The names a rollout server may serve the base model under: ``actor.path`` as given, as the
+    absolute path a launched server is given (vLLM serves under ``--model``'s value, SGLang under
+    ``--model-path``'s), and the directory's basename."""
+    path = config.actor.path
+    if not path:
+        return set()
+    names = {path, str(Path(path).absolute()), Path(path).name}
+    names.add(Path(path).name.split("@", 1)[0])  # a Hub id with a revision
+    return {n for n in names if n}
+
+
+def check_adapter_names(config: RunConfig) -> list[ConfigError]:
+    """Each ``adapters:`` entry's name: set, unique, a lora name vLLM and SGLang take, not a
+    version name, not the base model's served name."""
+    errors: list[ConfigError] = []
+    seen: dict[str, int] = {}
+    served = served_model_names(config)
+    for i, adapter in enumerate(config.adapters):
+        key, name = f"adapters[{i}].name", adapter.name
+        if not name:
+            errors.append(ConfigError(key, name, "every adapter needs a name",
+                                      "give each entry a name: e.g. '- name: add'"))
+            continue
+        if name in seen:
+            errors.append(ConfigError(key, name, f"adapters[{seen[name]}] has the same name",
+                                      "give each adapter its own name"))
+            continue
+        seen[name] = i
+        if "/" in name or any(c.isspace() for c in name):
+            errors.append(ConfigError(key, name, "an adapter name cannot hold '/' or whitespace "
+                                      "(it names a directory adapters/<name>/ and the served lora name)",
+                                      "use letters, digits, '_', '.' and '-', e.g. add or sub_v2"))
+        elif not _LORA_NAME.match(name):
+            errors.append(ConfigError(key, name, "adapter names use letters, digits, '_', '.' and '-' "
+                                      "(no leading, trailing or doubled '-'): it is served as a lora name",
+                                      "use e.g. add, sub or arith.small"))
+        elif _VERSION_SUFFIX.search(name):
+            suffix = _VERSION_SUFFIX.search(name)
+            errors.append(ConfigError(key, name, "ends like a version name: this adapter's versions are "
+                                      "served as <name>-v<N>, and a name ending in -v<N> reads as a "
+                                      "version of another adapter",
+                                      f"rename it without the '-v<N>' ending, e.g. "
+                                      f"{name[:suffix.start()]}_{suffix.group(0)[1:]}"))
+        if name in served:
+            errors.append(ConfigError(key, name, "the base model is served under this name (actor.path), "
+                                      "so a request for the adapter would get the base model",
+                                      "give the adapter another name"))
+    return errors
+
+
+def _adapter_key(key: str, label: str) -> str | None:
+    """``key`` of an adapter's view as the entry's own key (``actor.lora_rank`` ->
+    ``adapters.<name>.lora_rank``, ``label`` being ``adapters.<name>``); None when the key is not
+    one of an entry's settings."""
+    for entry_key, source in sorted(ADAPTER_DEFAULTS_FROM.items(), key=lambda item: -len(item[1])):
+        if key == source or key.startswith(source + ".") or key.startswith(source + "["):
+            return f"{label}.{entry_key}{key[len(source):]}"
+    return None
+
+
+def check_adapters(config: RunConfig, found: list[ConfigError] = ()) -> list[ConfigError]:
+    """Every ``adapters:`` entry: its name, and its own settings under the rules of
+    ``check_values``, ``check_objective`` and ``check_tasks`` run on its view of the run.
+
+    An error about one of the entry's own keys is reported under ``adapters.<name>.<key>``; one
+    about another key is dropped when ``found`` (the top-level checks' errors) already has it,
+    else kept with the adapter named in its problem (it comes from that adapter's settings,
+    e.g. too few samples for ``actor.ppo_n_minibatches`` with its batch_size). The versions the
+    adapters keep live at once are added up against ``rollout.max_loras``."""
+    if not config.adapters:
+        return []
+    errors = check_adapter_names(config)
+    seen = list(found)  # a list: an error's value may be a list (unhashable)
+    for i, adapter in enumerate(config.adapters):
+        label = entry_label(config, i)
+        view = adapter_run_config(config, adapter)
+        for error in check_values(view) + check_tasks(view):
+            key = _adapter_key(error.key, label)
+            if key is not None:
+                error = ConfigError(key, error.value, error.problem, error.fix)
+            elif error in seen:
+                continue
+            else:
+                error = ConfigError(error.key, error.value,
+                                    f"with {label}'s settings: {error.problem}", error.fix)
+            if error not in seen:
+                seen.append(error)
+                errors.append(error)
+    max_loras = config.rollout.max_loras
+    live = [live_versions_needed(a.max_head_offpolicyness) for a in config.adapters]
+    if max_loras > 0 and sum(live) > max_loras:
+        each = " + ".join(f"{n} ({entry_label(config, i)})" for i, n in enumerate(live))
+        errors.append(ConfigError(
+            "rollout.max_loras", max_loras,
+            f"the adapters keep up to {sum(live)} versions live at once on the server ({each}: each "
+            "adapter's current version, max_head_offpolicyness versions behind it and one loading), "
+            "more than rollout.max_loras lets it hold",
+            f"raise rollout.max_loras to {sum(live)} or more, or set it to 0 to derive it"))
     return errors
 
 
@@ -317,8 +493,11 @@ def check_tracking(config: RunConfig) -> list[ConfigError]:
 def validate(config: RunConfig, registry: Registry) -> list[ConfigError]:
     """Every problem with ``config``; an empty list means the run can start."""
     errors = check_values(config) + check_model_dir(config) + check_tasks(config) + check_tracking(config)
+    errors += check_adapters(config, errors)
     backend_errors = check_backends(config, registry)
     errors += backend_errors
+    if not any(e.key in ("actor.backend", "rollout.backend") for e in backend_errors):
+        errors += check_multi_adapter(config, registry)  # both installed: their declarations say
     if not backend_errors:
         for key, backend in (("actor.backend", config.actor.backend),
                              ("rollout.backend", config.rollout.backend)):
