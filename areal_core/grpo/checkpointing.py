@@ -1,7 +1,8 @@
 """Checkpoints of a run: the engine's state plus the loop's (step, version, data position, RNG).
 
     checkpoints/step-000012/engine/       what Engine.save_checkpoint wrote (adapter, optimizer, RNG)
-    checkpoints/step-000012/loop.json     step, version, data position, Python RNG state
+    checkpoints/step-000012/loop.json     step, version, data position, Python RNG state (and with
+                                          several adapters each one's step, version, position)
     checkpoints/latest                    the name of the newest complete checkpoint
 
 A checkpoint is assembled in a hidden staging directory and renamed into place; ``latest`` is
@@ -40,9 +41,13 @@ class Checkpoints:
         self.root = Path(root)
         self.comm = comm
 
-    def save(self, engine, step: int, version: int, position: int, keep: int = 0) -> Path:
+    def save(self, engine, step: int, version: int, position: int, keep: int = 0,
+             adapters: dict[str, dict] | None = None) -> Path:
         """Collective: every rank calls it; rank 0 assembles and publishes the checkpoint, then
         removes all but the ``keep`` newest (0: keeps all; the one ``latest`` names always stays).
+
+        ``adapters`` (a run with ``adapters:``): each adapter's own ``{step, version, position}``,
+        kept in loop.json beside the run's; ``step`` is then the smallest of their steps.
 
         :raises CheckpointWriteError: on every rank, when any part could not be written.
         """
@@ -57,6 +62,8 @@ class Checkpoints:
         def commit() -> None:
             state = {"step": step, "version": version, "position": position,
                      "python_rng": _encode_rng(random.getstate())}
+            if adapters is not None:
+                state["adapters"] = adapters
             _write_atomic(staging / "loop.json", json.dumps(state))
             if final.exists():
                 shutil.rmtree(final)

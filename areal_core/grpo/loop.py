@@ -70,10 +70,14 @@ class GRPOLoop:
                  run_dir: RunDirectory, dataset, reward_fn: Callable,
                  publisher: AdapterPublisher | None = None, progress: bool = True,
                  on_server_restarted: Callable[[], object] | None = None,
-                 resume_command: str = "areal train CONFIG [overrides] resume=true"):
+                 resume_command: str = "areal train CONFIG [overrides] resume=true",
+                 adapter_name: str | None = None):
         """``on_server_restarted`` is called on rank 0 after a launched server was started again;
-        ``resume_command`` is what a stop on an agreement alarm tells the user to run."""
+        ``resume_command`` is what a stop on an agreement alarm tells the user to run;
+        ``adapter_name`` names the engine's adapter this loop trains when the engine holds several
+        (``areal_core.grpo.multi_adapter_loop``; None: the engine's only adapter)."""
         self.config = config
+        self.adapter_name = adapter_name
         self.registry = registry
         self.engine = engine
         self.comm = comm
@@ -127,7 +131,8 @@ class GRPOLoop:
         start = time.perf_counter()
         try:
             adapter = self.registry.call("areal_export_adapter", actor.backend, engine=self.engine,
-                                         directory=str(self.run_dir.adapter_dir(version)), version=version)
+                                         directory=str(self.run_dir.adapter_dir(version)), version=version,
+                                         adapter_name=self.adapter_name)
         except Exception as exc:
             if is_peer_failure(exc):  # another rank is gone: not an export problem
                 raise
@@ -161,7 +166,7 @@ class GRPOLoop:
         """The trainer's flat scores of the probe on rank 0 (None elsewhere): a collective forward
         in which each rank scores its share of the probe's sequences."""
         rank, world = self.comm.rank, self.comm.world_size
-        mine = self.engine.compute_logprobs(self.probe[rank::world], disable_adapter=disable_adapter)
+        mine = self._logprobs(self.probe[rank::world], disable_adapter=disable_adapter)
         shares = self.comm.gather([t.tolist() for t in mine])
         if shares is None:
             return None
@@ -342,6 +347,19 @@ class GRPOLoop:
         groups = self.publisher.generate([r["prompt_ids"] for r in records], self.version, 1, greedy)
         return sum(self.reward_fn(r, g[0].output_ids) for r, g in zip(records, groups)) / len(records)
 
+    # --- the engine, for this loop's adapter -------------------------------------------------------
+
+    def _logprobs(self, sequences, disable_adapter: bool = False):
+        keywords = {"disable_adapter": True} if disable_adapter else {}
+        if self.adapter_name is not None:  # an engine written for one adapter takes no adapter=
+            keywords["adapter"] = self.adapter_name
+        return self.engine.compute_logprobs(sequences, **keywords)
+
+    def _train_step(self, sequences, loss_fn):
+        if self.adapter_name is None:
+            return self.engine.train_step(sequences, loss_fn)
+        return self.engine.train_step(sequences, loss_fn, adapter=self.adapter_name)
+
     # --- one step ---------------------------------------------------------------------------------
 
     def train_on(self, items, step: int) -> dict:
@@ -360,9 +378,9 @@ class GRPOLoop:
         proximal = reference = None
         timer = time.perf_counter()
         if actor.uses_recomputed_logprobs:
-            proximal = self.engine.compute_logprobs(every)
+            proximal = self._logprobs(every)
         if actor.kl_ctl > 0:
-            reference = self.engine.compute_logprobs(every, disable_adapter=True)
+            reference = self._logprobs(every, disable_adapter=True)
         recompute_seconds = time.perf_counter() - timer
         meter = MismatchMeter()
         sums = {key: 0.0 for key in ("loss", *STAT_KEYS)}
@@ -378,7 +396,7 @@ class GRPOLoop:
                 reference=reference[start:end] if reference is not None else None,
                 mismatch=meter if (proximal is not None or n == 1) else None, mismatch_version=self.version)
             start = end
-            result = self.engine.train_step([list(item.tokens) for item in share], loss_fn)
+            result = self._train_step([list(item.tokens) for item in share], loss_fn)
             for key in sums:
                 sums[key] += result.get(key, 0.0)
             grad_norms.append(result.get("grad_norm"))
@@ -551,11 +569,16 @@ class GRPOLoop:
         if self.comm.is_leader:
             self.monitor = AgreementMonitor(self.publisher, self.probe, base, self.agreement_dtype)
 
+    def _restored_state(self) -> dict | None:
+        """The newest checkpoint loaded into the engine: its loop state (step, version, data
+        position), or None when there is none."""
+        return self.checkpoints.restore(self.engine)
+
     def _start(self) -> int:
         """Publish the first version (v0, or the restored adapter); return the first step to run."""
         first_step, version = 1, 0
         if self.config.resume:
-            state = self.checkpoints.restore(self.engine)
+            state = self._restored_state()
             if state is not None:
                 first_step = state["step"] + 1
                 self.completed_step = self.checkpointed_step = state["step"]
@@ -603,16 +626,21 @@ class GRPOLoop:
 
     def _save_checkpoint(self, step: int, version: int | None = None) -> None:
         """Collective: the checkpoint of completed ``step`` (its record is written first)."""
-        if self.comm.is_leader:  # a resume keeps the records up to its step: each is written first
+        self._write_records_before_checkpoint(step)
+        self.checkpoints.save(self.engine, step, self.version if version is None else version, self.position,
+                              keep=self.config.train.keep_checkpoints)
+        self.checkpointed_step = step
+        self.last_checkpoint_at = time.monotonic()
+
+    def _write_records_before_checkpoint(self, step: int) -> None:
+        """A resume keeps the records up to its checkpoint's step: each is written first (the
+        record of a step whose version was not published yet says ``published: false``)."""
+        if self.comm.is_leader:
             if self.unwritten is not None and self.unwritten["step"] <= step:
                 self.run_dir.append_metrics(self.unwritten)
             if self.in_flight is not None and self.in_flight["step"] == step:
                 self.run_dir.append_metrics({**self.in_flight, "published": False})
         self.unwritten = self.in_flight = None
-        self.checkpoints.save(self.engine, step, self.version if version is None else version, self.position,
-                              keep=self.config.train.keep_checkpoints)
-        self.checkpointed_step = step
-        self.last_checkpoint_at = time.monotonic()
 
     def _checkpoint_before_stop(self, error: BaseException) -> None:
         """Every rank, on a stop the loop controls: the checkpoint of the last completed step

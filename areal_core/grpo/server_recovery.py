@@ -62,14 +62,17 @@ class ServerRecovery:
     :param on_event: called after each event is recorded (e.g. to write the log out at once:
         a restart can take a minute).
     :param say: where progress lines go (default: stderr).
+    :param no_recovery: when set, the reason this run recovers no server; a loss then stops the
+        run at once (with a checkpoint), saying so.
     """
 
     def __init__(self, publisher: AdapterPublisher, *, managed: bool, max_restarts: int,
                  startup_timeout: float, adapter_dir: Callable[[int], Path],
                  on_started: Callable[[], object] | None = None,
                  on_event: Callable[[], object] | None = None,
-                 say: Callable[[str], object] | None = None):
+                 say: Callable[[str], object] | None = None, no_recovery: str = ""):
         self.publisher = publisher
+        self.no_recovery = no_recovery
         self.managed = managed
         self.max_restarts = max_restarts
         self.startup_timeout = startup_timeout
@@ -101,6 +104,10 @@ class ServerRecovery:
             answer again within ``startup_timeout``.
         """
         while True:
+            if self.no_recovery:
+                raise ServerLostError(
+                    f"the rollout server died or went away ({_first_line(error)}); {self.no_recovery}"
+                ) from error
             if self.recoveries >= self.max_restarts:
                 raise ServerLostError(
                     f"the rollout server died or went away ({_first_line(error)}) and "

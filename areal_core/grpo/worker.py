@@ -94,9 +94,11 @@ def _seed(seed: int, rank: int) -> None:
 
 
 def run_worker(config_path: str, overrides: list[str]) -> dict:
+    from areal_core.adapters import adapter_views
     from areal_core.config_loader import config_to_dict, load_config_or_raise
     from areal_core.grpo.comm import Comm
     from areal_core.grpo.loop import GRPOLoop
+    from areal_core.grpo.multi_adapter_loop import MultiAdapterLoop
     from areal_core.grpo.publisher import AdapterPublisher
     from areal_core.grpo.run_dir import RunDirectory
     from areal_core.grpo.server_processes import record_launched_servers
@@ -118,11 +120,13 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
         run_dir.create()
         resolved = config_to_dict(config)
         run_dir.write_config(resolved, header=provenance_comment(config))
-        trackers = Trackers(config.tracking, run_dir.root, resolved, config.resume, say_on_stderr)
+        trackers = Trackers(config.tracking, run_dir.root, resolved, config.resume, say_on_stderr,
+                            adapters=[a.name for a in config.adapters])
         run_dir.metric_sinks.append(trackers.log)
     # bad data is refused before anything heavy starts
-    dataset = get_dataset(config.dataset.name, config.dataset.options)
-    reward_fn = get_reward(config.reward.name, config.reward.options)
+    views = adapter_views(config)
+    tasks = {adapter.name: (get_dataset(view.dataset.name, view.dataset.options),
+                            get_reward(view.reward.name, view.reward.options)) for adapter, view in views}
 
     actor = config.actor
     server = starting = engine = None
@@ -133,21 +137,36 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
             starting = BackgroundServerStart(server, on_launched=record_launched_servers)
         engine = registry.build_engine(actor.backend, config)
         engine.load_base_model()
-        registry.call("areal_inject_adapter", actor.backend, engine=engine, actor=actor)
-        registry.call("areal_shard_model", actor.backend, engine=engine, actor=actor)
-        publisher = None
+        if config.multi_adapter:  # each adapter its own injection, with its own settings
+            for adapter, view in views:
+                registry.call("areal_inject_adapter", actor.backend, engine=engine, actor=view.actor,
+                              adapter_name=adapter.name)
+            registry.call("areal_shard_model", actor.backend, engine=engine, actor=views[0][1].actor)
+        else:
+            registry.call("areal_inject_adapter", actor.backend, engine=engine, actor=actor)
+            registry.call("areal_shard_model", actor.backend, engine=engine, actor=actor)
+        publishers = {}
         if comm.is_leader:
-            publisher = AdapterPublisher(registry, config.rollout.backend, server, config.gconfig.lora_name,
-                                         config.rollout.max_head_offpolicyness, base_model_path=actor.path)
+            publishers = {adapter.name: AdapterPublisher(registry, config.rollout.backend, server, adapter.name,
+                                                         adapter.max_head_offpolicyness, base_model_path=actor.path)
+                          for adapter, _ in views}
 
         def servers_up() -> None:
             starting.wait()
-            publisher.adopt_server_state()
+            for publisher in publishers.values():
+                publisher.adopt_server_state()
 
         comm.leader_result(servers_up)  # every rank waits until the servers are up
-        loop = GRPOLoop(config, registry, engine, comm, run_dir, dataset, reward_fn, publisher,
-                        on_server_restarted=record_launched_servers,
-                        resume_command=resume_command(config_path, overrides))
+        if config.multi_adapter:
+            loop = MultiAdapterLoop(config, registry, engine, comm, run_dir, tasks, publishers,
+                                    on_server_restarted=record_launched_servers,
+                                    resume_command=resume_command(config_path, overrides))
+        else:
+            dataset, reward_fn = tasks[config.gconfig.lora_name]
+            loop = GRPOLoop(config, registry, engine, comm, run_dir, dataset, reward_fn,
+                            publishers.get(config.gconfig.lora_name),
+                            on_server_restarted=record_launched_servers,
+                            resume_command=resume_command(config_path, overrides))
         summary = loop.run()
     finally:
         _ignore_termination_signals()  # a second Ctrl-C or SIGTERM must not cut the clean-up short
@@ -161,7 +180,12 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
             trackers.close()
     if comm.is_leader:
         print(f"run directory: {run_dir.root}", flush=True)
-        if summary["first_eval"] is not None:
+        if "adapters" in summary:
+            for name, figures in summary["adapters"].items():
+                if figures["first_eval"] is not None:
+                    print(f"eval_accuracy: {name} {figures['first_eval']:.3f} -> {figures['last_eval']:.3f}",
+                          flush=True)
+        elif summary["first_eval"] is not None:
             print(f"eval_accuracy: {summary['first_eval']:.3f} -> {summary['last_eval']:.3f}", flush=True)
     return summary
 

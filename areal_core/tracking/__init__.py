@@ -50,8 +50,11 @@ class Trackers:
     """The trackers of one run, opened at its first record; ``log`` and ``close`` never raise."""
 
     def __init__(self, config: TrackingConfig, output_dir: str | Path, run_config: dict, resume: bool,
-                 warn: Callable[[str], None]):
+                 warn: Callable[[str], None], adapters: list[str] = ()):
+        """``adapters``: the names of a run with ``adapters:``, whose records hold each one's
+        figures under its name; they are sent as ``<name>/<phase>/<metric>``."""
         self.config = config
+        self.adapters = list(adapters)
         self.output_dir = Path(output_dir).absolute()
         self.run_config = run_config
         self.resume = resume
@@ -66,6 +69,9 @@ class Trackers:
         if self.open is None:
             self.open = self._open_all(first_step=step)
         metrics = scalars(record, adapter)
+        for name in self.adapters:
+            if isinstance(record.get(name), dict):
+                metrics.update(scalars({"step": step, **record[name]}, name))
         for tracker in self.open:
             try:
                 tracker.log(metrics, step)
