@@ -39,8 +39,9 @@ NO_RECOVERY = ("a run of several adapters does not restart its server yet; bring
 class AdapterTrack(GRPOLoop):
     """One adapter's loop inside a ``MultiAdapterLoop``: checkpoints and restores go through it."""
 
-    def __init__(self, *args, driver: "MultiAdapterLoop", **kwargs):
+    def __init__(self, *args, name: str, driver: "MultiAdapterLoop", **kwargs):
         super().__init__(*args, **kwargs)
+        self.name = name  # the adapter's (adapter_name, which addresses the engine's, may be None)
         self.driver = driver
         if self.recovery is not None:
             self.recovery.no_recovery = NO_RECOVERY
@@ -49,7 +50,7 @@ class AdapterTrack(GRPOLoop):
         self.driver.save_checkpoint(self, step, version)
 
     def _restored_state(self) -> dict | None:
-        return self.driver.restored_state(self.adapter_name)
+        return self.driver.restored_state(self.name)
 
 
 class MultiAdapterLoop:
@@ -78,6 +79,10 @@ class MultiAdapterLoop:
         self.checkpoints = Checkpoints(run_dir.checkpoints, comm)
         self.restored: dict | None = None
         self.bar = None
+        # An engine written for one adapter (no multi_adapter declared) may run a list of one; it
+        # is never given adapter= then.
+        declaration = registry.declaration(config.actor.backend)
+        addressed = declaration is not None and declaration.lora.multi_adapter
         self.tracks: list[AdapterTrack] = []
         for adapter, view in views:
             dataset, reward_fn = tasks[adapter.name]
@@ -85,7 +90,7 @@ class MultiAdapterLoop:
                 view, registry, engine, comm, AdapterRunDirectory(run_dir, adapter.name, self.records),
                 dataset, reward_fn, (publishers or {}).get(adapter.name), progress=False,
                 on_server_restarted=on_server_restarted, resume_command=resume_command,
-                adapter_name=adapter.name, driver=self))
+                adapter_name=adapter.name if addressed else None, name=adapter.name, driver=self))
 
     # --- checkpoints ----------------------------------------------------------------------------
 
@@ -119,24 +124,24 @@ class MultiAdapterLoop:
             own = track is trigger
             at = step if own else track.completed_step
             track._write_records_before_checkpoint(at)
-            states[track.adapter_name] = {
+            states[track.name] = {
                 "step": at, "position": track.position,
                 "version": (version if version is not None else track.version) if own else track.version}
         if self.records is not None:
             self.records.flush()
         first = self.tracks[0]
         self.checkpoints.save(self.engine, min(s["step"] for s in states.values()),
-                              states[first.adapter_name]["version"], first.position,
+                              states[first.name]["version"], first.position,
                               keep=self.config.train.keep_checkpoints, adapters=states)
         for track in self.tracks:
-            track.checkpointed_step = states[track.adapter_name]["step"]
+            track.checkpointed_step = states[track.name]["step"]
             track.last_checkpoint_at = time.monotonic()
 
     def _checkpoint_before_stop(self, error: BaseException) -> None:
         """Every rank: the checkpoint of each adapter's last completed step (unless written), then
         the error again with where to continue from."""
         behind = [t for t in self.tracks if t.completed_step > t.checkpointed_step]
-        steps = ", ".join(f"{t.adapter_name} {t.completed_step}" for t in self.tracks)
+        steps = ", ".join(f"{t.name} {t.completed_step}" for t in self.tracks)
         if behind:
             self.save_checkpoint(None, 0)
             kept = f"a checkpoint of the last completed steps ({steps}) is written"
@@ -224,5 +229,5 @@ class MultiAdapterLoop:
                 self.run_dir.plot()
             if self.bar is not None:
                 self.bar.close()
-        return {"adapters": {t.adapter_name: {"first_eval": t.first_eval, "last_eval": t.last_eval,
+        return {"adapters": {t.name: {"first_eval": t.first_eval, "last_eval": t.last_eval,
                                               "version": t.version} for t in self.tracks}}

@@ -161,3 +161,32 @@ def test_a_checkpoint_of_other_adapters_is_refused_on_resume(tmp_path):
     loop = make_multi_loop(tmp_path, renamed)[0]
     with pytest.raises(Exception, match=r"holds the adapters \['five', 'three'\], not this run's \['six', 'three'\]"):
         loop.run()
+
+
+def test_a_list_of_one_runs_on_an_engine_written_for_one_adapter(tmp_path):
+    """A third-party engine that knows nothing of adapters (no adapter_name, no adapter=) runs a
+    list of one, laid out like a list of many."""
+    from .standins import StandInEngine, StandInPlugin, first_token_is_five
+
+    config = load_config_or_raise(None, [
+        "actor.backend=standin", "rollout.backend=standin-server", "gconfig.max_new_tokens=3",
+        "train.steps=4", "train.eval_every=2", f"output_dir={tmp_path / 'run'}", "rollout.max_model_len=40",
+        "actor.optimizer.lr=20.0", "train.batch_size=4"])
+    config = attrs.evolve(config, adapters=[AdapterConfig(name="only", lora_rank=1, lora_alpha=1,
+                                                          optimizer=config.actor.optimizer, batch_size=4,
+                                                          gconfig=config.gconfig)])
+    engine, server = StandInEngine(), StandInServer()
+    engine.config = config
+    registry = Registry(entry_points=[], extra_plugins=[("standin", StandInPlugin(engine, server))])
+    (adapter, view), = adapter_views(config)
+    registry.call("areal_inject_adapter", "standin", engine=engine, actor=view.actor, adapter_name="only")
+    registry.call("areal_shard_model", "standin", engine=engine, actor=view.actor)
+    publishers = {"only": AdapterPublisher(registry, "standin-server", server, "only", 0)}
+    run_dir = RunDirectory(config.output_dir).create()
+    loop = MultiAdapterLoop(config, registry, engine, Comm(), run_dir,
+                            {"only": (CountingDataset(), first_token_is_five)}, publishers, progress=False)
+    loop.run()
+    assert [r["step"] for r in run_dir.read_metrics()] == [0, 1, 2, 3, 4]
+    assert run_dir.read_metrics()[-1]["only"]["eval_accuracy"] == 1.0
+    assert sorted(p.name for p in (run_dir.adapters / "only").iterdir()) == [f"v{v}" for v in range(5)]
+    assert server.seen_names == [f"only-v{v}" for v in range(5)]
