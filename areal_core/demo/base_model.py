@@ -263,6 +263,7 @@ def build_base_model(
     recipe: BaseModelRecipe = DEFAULT_RECIPE,
     *,
     log: Callable[[str], None] = lambda _: None,
+    train: Callable | None = None,
 ) -> Path:
     """Build the demo base model into ``out_dir`` unless it already holds ``recipe``; return it.
 
@@ -271,6 +272,10 @@ def build_base_model(
     written to a temporary sibling first, with the marker last, then renamed into place. A
     directory holding another recipe's build is replaced; a non-empty directory without a marker
     is refused (``BaseModelBuildError``), never overwritten.
+
+    ``train(recipe, log) -> (model, metrics)`` trains the model (``train_base_model`` when None);
+    another recipe class (``areal_core.demo.multi_base_model``) brings its own, with the same
+    cache, marker and atomic install. Its metrics hold ``eval_accuracy_greedy`` and ``_sampled``.
     """
     out = Path(out_dir).absolute()
     if is_built(out, recipe):
@@ -291,7 +296,7 @@ def build_base_model(
     try:
         started = time.monotonic()
         log(f"base model: building recipe {recipe.digest()} into {out}")
-        model, metrics = train_base_model(recipe, log)
+        model, metrics = (train or train_base_model)(recipe, log)
         save_model_directory(model, staging)
         metrics["build_seconds"] = round(time.monotonic() - started, 2)
         marker = {"hash": recipe.digest(), "recipe": attrs.asdict(recipe), "metrics": metrics,
