@@ -57,9 +57,11 @@ def test_other_backends_are_not_answered(registry, tmp_path):
 
     assert plugin.areal_validate_config(backend="megatron", config=config) is None
     assert plugin.areal_build_engine(backend="megatron", config=config) is None
-    assert plugin.areal_inject_adapter(backend="megatron", engine=None, actor=config.actor) is None
+    assert plugin.areal_inject_adapter(backend="megatron", engine=None, actor=config.actor,
+                                       adapter_name=None) is None
     assert plugin.areal_shard_model(backend="megatron", engine=None, actor=config.actor) is None
-    assert plugin.areal_export_adapter(backend="megatron", engine=None, directory="x", version=1) is None
+    assert plugin.areal_export_adapter(backend="megatron", engine=None, directory="x", version=1,
+                                       adapter_name=None) is None
 
 
 def test_missing_model_directory(registry, tmp_path):

@@ -1,8 +1,8 @@
 """Weight export (LoRA step 3 of 4): gather the adapter, and only it, from the shards.
 
 Parameter names under peft + FSDP2 keep their usual form
-(``base_model.model.<module path>.lora_A.default.weight``); the PEFT file key is the same
-without the adapter name. Rank 0 writes the directory with ``areal_core.adapter_format``
+(``base_model.model.<module path>.lora_A.<peft adapter name>.weight``); the PEFT file key is
+the same without the adapter name. With several adapters only the one named is gathered. Rank 0 writes the directory with ``areal_core.adapter_format``
 (temporary directory, then rename) and every rank returns the same ``ExportedAdapter``.
 """
 
@@ -42,19 +42,23 @@ def peft_file_key(parameter_name: str) -> str:
     return peft_key(match["module"], match["ab"])
 
 
-def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full copies (on the CPU, rank 0 only; ``{}`` elsewhere) of the trainable parameters.
+def gather_trainable(model: torch.nn.Module, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full copies (on the CPU, rank 0 only; ``{}`` elsewhere) of the trainable parameters (of
+    those named ``names``).
 
     Collective, in a few coalesced gathers (see ``coalesced_gather``). Frozen parameters are
     never gathered.
     """
     return gather_full_tensors(
-        (name, param) for name, param in model.named_parameters() if param.requires_grad
+        (name, param) for name, param in model.named_parameters()
+        if param.requires_grad and (names is None or name in names)
     )
 
 
-def export_adapter(engine: "FSDP2Engine", directory: str, version: int) -> ExportedAdapter:
-    """Write ``engine``'s adapter to ``directory`` as a PEFT LoRA directory (collective).
+def export_adapter(engine: "FSDP2Engine", directory: str, version: int,
+                   adapter_name: str | None = None) -> ExportedAdapter:
+    """Write ``engine``'s adapter ``adapter_name`` (None: its only one) to ``directory`` as a PEFT
+    LoRA directory (collective), with that adapter's rank and alpha.
 
     Raises AdapterError on every rank when the engine trains every parameter (no adapter),
     when ``directory`` already exists (a version is written once), or when writing fails.
@@ -65,6 +69,7 @@ def export_adapter(engine: "FSDP2Engine", directory: str, version: int) -> Expor
             "actor.full_finetune is true: every parameter is trained and there is no adapter "
             "to export; set actor.full_finetune: false to train and export a LoRA adapter"
         )
+    slot = engine.slot(adapter_name)
     final = Path(directory).absolute()
     problem = None
     if engine.rank == 0 and final.exists():
@@ -75,13 +80,13 @@ def export_adapter(engine: "FSDP2Engine", directory: str, version: int) -> Expor
 
     start = time.perf_counter()
     engine.reshard()
-    parameters = gather_trainable(engine.model)
+    parameters = gather_trainable(engine.model, set(slot.parameter_names))
     outcome: tuple[ExportedAdapter | None, str | None] = (None, None)
     if engine.rank == 0:
         try:
             tensors = {peft_file_key(name): tensor for name, tensor in parameters.items()}
             written = write_peft_adapter(
-                final, tensors, rank=engine.actor.lora_rank, alpha=engine.actor.lora_alpha,
+                final, tensors, rank=slot.actor.lora_rank, alpha=slot.actor.lora_alpha,
                 version=version, base_model_path=str(engine.actor.path),
             )
             outcome = (attrs.evolve(written, seconds=time.perf_counter() - start), None)

@@ -3,10 +3,13 @@
 Layout of a checkpoint directory::
 
     state/            torch.distributed.checkpoint (DCP) files: the trainable parameters
-                      (the adapter; every parameter under full fine-tuning) and AdamW's state,
+                      (every adapter; every parameter under full fine-tuning) and AdamW's state
+                      (``optim``; with several adapters ``optim_<name>``, one per adapter),
                       sharded as trained, re-shardable to another world size on load
     rng/rank<N>.json  the random generator states of rank N
-    meta.json         step, world size and the adapter settings; written last
+    meta.json         step, world size and the adapter settings (with several adapters, or a
+                      run with ``adapters:``, ``adapters``: each one's settings, step and whether
+                      its AdamW has state); written last
 
 Atomicity: everything is written into a hidden sibling ``.<name>.partial-*`` and made durable;
 only then is an existing checkpoint moved aside (``.<name>.previous-*``), the new one renamed
@@ -57,16 +60,34 @@ class CheckpointError(ArealError):
     """A checkpoint cannot be written, found, or used for this engine's configuration."""
 
 
-def _adapter_settings(engine: "FSDP2Engine") -> dict:
-    actor = engine.actor
-    if actor.full_finetune:
-        return {"full_finetune": True}
+def _lora_settings(actor) -> dict:
     return {
-        "full_finetune": False,
         "lora_rank": actor.lora_rank,
         "lora_alpha": actor.lora_alpha,
         "target_modules": sorted(actor.resolved_target_modules),
     }
+
+
+def _several(engine: "FSDP2Engine") -> bool:
+    """Whether the checkpoint lists its adapters (any engine but one adapter named "default")."""
+    slots = list(engine.adapters.values())
+    return len(slots) != 1 or slots[0].peft_name not in (None, "default")
+
+
+def _adapter_settings(engine: "FSDP2Engine") -> dict:
+    """What a checkpoint must match to be loaded into ``engine``."""
+    actor = engine.actor
+    if actor.full_finetune:
+        return {"full_finetune": True}
+    if _several(engine):
+        return {"full_finetune": False, "adapters": [
+            {"name": slot.name, **_lora_settings(slot.actor)} for slot in engine.adapters.values()
+        ]}
+    return {"full_finetune": False, **_lora_settings(actor)}
+
+
+def _optim_key(engine: "FSDP2Engine", slot) -> str:
+    return f"optim_{slot.name}" if _several(engine) else "optim"
 
 
 def _trainable_model_state(model) -> dict:
@@ -142,14 +163,16 @@ def save_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
         raise CheckpointError(error)
     staging = Path(staging_name)
 
-    optimizer_started = bool(engine.optimizer.state)
+    started = {slot.name: bool(slot.optimizer.state) for slot in engine.adapters.values()}
     local_error = None
     try:
         engine.reshard()
         state = {"model": _trainable_model_state(engine.model)}
-        if optimizer_started:
-            # Asked only once AdamW has state: asking earlier would make DCP take a zero step.
-            state["optim"] = get_optimizer_state_dict(engine.model, engine.optimizer, options=_SAVE_OPTIONS)
+        for slot in engine.adapters.values():
+            if started[slot.name]:
+                # Asked only once AdamW has state: asking earlier would make DCP take a zero step.
+                state[_optim_key(engine, slot)] = get_optimizer_state_dict(
+                    engine.model, slot.optimizer, options=_SAVE_OPTIONS)
         dcp.save(state, checkpoint_id=str(staging / STATE_DIR))
         (staging / RNG_DIR).mkdir(exist_ok=True)
         (staging / RNG_DIR / f"rank{engine.rank}.json").write_text(json.dumps(rng_state.capture()))
@@ -169,10 +192,15 @@ def save_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
                 "format": FORMAT_VERSION,
                 "step": engine.step,
                 "world_size": engine.world_size,
-                "optimizer": optimizer_started,
+                "optimizer": any(started.values()),
                 "base_model_path": str(engine.actor.path),
                 **_adapter_settings(engine),
             }
+            if _several(engine):
+                meta["adapters"] = [
+                    {**entry, "step": slot.step, "optimizer": started[slot.name]}
+                    for entry, slot in zip(meta["adapters"], engine.adapters.values())
+                ]
             (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             fsync_files(staging)
             commit_directory(staging, final)
@@ -188,10 +216,14 @@ def _check_compatible(engine: "FSDP2Engine", meta: dict, path: Path) -> None:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     expected = _adapter_settings(engine)
+    found = dict(meta)
+    if "adapters" in found:  # each adapter's step and optimizer flag are state, not settings
+        found["adapters"] = [{k: v for k, v in entry.items() if k not in ("step", "optimizer")}
+                             for entry in found["adapters"]]
     differences = [
-        f"{key}: checkpoint {meta.get(key)!r}, configuration {value!r}"
+        f"{key}: checkpoint {found.get(key)!r}, configuration {value!r}"
         for key, value in expected.items()
-        if meta.get(key) != value
+        if found.get(key) != value
     ]
     if differences:
         raise CheckpointError(
@@ -219,9 +251,16 @@ def load_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
     raise_together(problem, CheckpointError)
 
     engine.reshard()
+    slots = list(engine.adapters.values())
+    if _several(engine):
+        entries = meta["adapters"]
+    else:
+        entries = [{"step": meta["step"], "optimizer": meta["optimizer"]}]
     state = {"model": _trainable_model_state(engine.model)}
-    if meta["optimizer"]:
-        state["optim"] = get_optimizer_state_dict(engine.model, engine.optimizer, options=_SAVE_OPTIONS)
+    for slot, entry in zip(slots, entries):
+        if entry["optimizer"]:
+            state[_optim_key(engine, slot)] = get_optimizer_state_dict(
+                engine.model, slot.optimizer, options=_SAVE_OPTIONS)
     try:
         dcp.load(state, checkpoint_id=str(path / STATE_DIR))
     except Exception as exc:
@@ -230,11 +269,14 @@ def load_checkpoint(engine: "FSDP2Engine", directory: str) -> None:
             f"another model or adapter?"
         ) from exc
     set_model_state_dict(engine.model, state["model"], options=_LOAD_OPTIONS)
-    if meta["optimizer"]:
-        set_optimizer_state_dict(engine.model, engine.optimizer, state["optim"], options=_LOAD_OPTIONS)
-    else:
-        engine.optimizer.state.clear()
-    apply_hyperparameters(engine.optimizer, engine.actor.optimizer)
+    for slot, entry in zip(slots, entries):
+        if entry["optimizer"]:
+            set_optimizer_state_dict(engine.model, slot.optimizer, state[_optim_key(engine, slot)],
+                                     options=_LOAD_OPTIONS)
+        else:
+            slot.optimizer.state.clear()
+        apply_hyperparameters(slot.optimizer, slot.actor.optimizer)
+        slot.step = int(entry["step"])
     engine.step = int(meta["step"])
     rng_file = path / RNG_DIR / f"rank{engine.rank}.json"
     if meta["world_size"] == engine.world_size and rng_file.is_file():

@@ -1,8 +1,15 @@
 """The fsdp2 training engine: one object per rank, driven collectively by the GRPO loop.
 
-Lifecycle: ``load_base_model`` -> ``inject_adapter`` (hook ``areal_inject_adapter``) ->
-``shard`` (hook ``areal_shard_model``, which also builds AdamW) -> any number of
-``compute_logprobs`` / ``train_step`` / export / checkpoint calls -> ``close``.
+Lifecycle: ``load_base_model`` -> ``inject_adapter`` (hook ``areal_inject_adapter``, once per
+adapter) -> ``shard`` (hook ``areal_shard_model``, which also builds one AdamW per adapter) -> any
+number of ``compute_logprobs`` / ``train_step`` / export / checkpoint calls -> ``close``.
+
+Several adapters on one frozen base: each is its own peft adapter with its own parameters,
+AdamW, learning-rate schedule position (its own step count) and gradient clipping. Every
+adapter's parameters stay trainable; a call names its adapter (``adapter=``) and the forward is
+routed through that one only, so only its parameters get a gradient (``lora_injection.route``).
+One adapter per ``train_step``: the measured alternative, rows of several adapters mixed in one
+micro-batch, was not faster (``bench/multi_adapter_microbatch.py``).
 
 Every rank calls every method with its OWN sequences, and counts may differ: FSDP2 forwards and
 backwards are collectives, so each call first agrees on the largest number of micro-batches
@@ -37,6 +44,20 @@ from areal_fsdp2.logprobs import forward_logits, sequence_logprobs
 from areal_fsdp2.microbatching import sequence_problem
 
 
+class AdapterSlot:
+    """One adapter of the engine: its peft name, settings, parameters, optimizer and step count."""
+
+    def __init__(self, name: str, peft_name: str | None, actor: ActorConfig, position: int):
+        self.name = name  # the run's name of it (``adapter=``, ``adapter_name``)
+        self.peft_name = peft_name  # its name inside the peft model; None under full fine-tuning
+        self.actor = actor  # its LoRA settings and its optimizer
+        self.position = position
+        self.parameter_names: list[str] = []  # its trainable parameters (names survive FSDP2)
+        self.parameters: list[torch.nn.Parameter] = []  # the sharded parameters, after shard()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.step = 0  # its optimizer steps taken (restored by load_checkpoint)
+
+
 class FSDP2Engine:
     """Hugging Face causal LM + peft LoRA, sharded with FSDP2, on CPU (gloo) or CUDA (nccl).
 
@@ -58,10 +79,10 @@ class FSDP2Engine:
         self.device = distributed.rank_device(kind)
         self.model: torch.nn.Module | None = None  # the peft wrapper, or the HF model (full FT)
         self.hf_model: torch.nn.Module | None = None  # the transformers model inside it
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.adapters: dict[str, AdapterSlot] = {}  # in the order injected
         self.logprob_head: LogprobHead | None = None  # None: log-probs from whole logits
         self._checkpoint = None  # set while the base model waits on meta for its shards
-        self.step = 0  # train_step calls completed (restored by load_checkpoint)
+        self.step = 0  # train_step calls completed, all adapters together (restored by load_checkpoint)
         self.stage = "built"  # built -> loaded -> adapted -> sharded -> closed
         self.vocab_size = 0
         self.pad_id = 0
@@ -92,25 +113,81 @@ class FSDP2Engine:
         self.pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < self.vocab_size else 0
         self.stage = "loaded"
 
-    def inject_adapter(self, actor: ActorConfig) -> None:
-        """Wrap the target modules with LoRA (or make everything trainable: full fine-tuning)."""
-        self._require_stage("loaded", "inject the adapter", "run load_base_model")
-        self.actor = actor
-        if actor.full_finetune:
-            self.model = lora_injection.make_all_trainable(self.hf_model)
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the only adapter (None before sharding or with several adapters)."""
+        return next(iter(self.adapters.values())).optimizer if len(self.adapters) == 1 else None
+
+    def _peft_name(self, name: str, position: int) -> str:
+        """The peft name of a new adapter: "default" for a run's only adapter (a run without
+        ``adapters:``, as its checkpoints and exports have always named it), else its own name."""
+        if position == 0 and not self.config.adapters:
+            return lora_injection.ADAPTER_NAME
+        if not name or "." in name or name in {s.peft_name for s in self.adapters.values()}:
+            raise AdapterError(
+                f"adapter name {name!r} cannot name a peft adapter beside "
+                f"{[s.peft_name for s in self.adapters.values()]}: use a non-empty name without '.' "
+                f"that no other adapter has"
+            )
+        return name
+
+    def inject_adapter(self, actor: ActorConfig, adapter_name: str | None = None) -> None:
+        """Wrap the target modules with LoRA adapter ``adapter_name`` (or make everything
+        trainable: full fine-tuning). Called once per adapter; None names the run's only adapter
+        (``gconfig.lora_name``)."""
+        position = len(self.adapters)
+        if position == 0:
+            self._require_stage("loaded", "inject the adapter", "run load_base_model")
         else:
-            self.model = lora_injection.inject_lora(self.hf_model, actor, seed=self.config.train.seed)
-            if self._checkpoint is not None:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.config.train.seed)
-                    sharded_loading.materialise_meta_adapter(self.model, lora_injection.ADAPTER_NAME)
-            lora_injection.broadcast_trainable_from_rank0(self.model, self.device)
+            self._require_stage("adapted", "inject another adapter", "run load_base_model")
+        if adapter_name is None:
+            if position:
+                raise AdapterError(
+                    f"a second adapter needs a name (adapter_name); the engine holds {list(self.adapters)}"
+                )
+            adapter_name = self.config.gconfig.lora_name
+        if adapter_name in self.adapters:
+            raise AdapterError(f"adapter {adapter_name!r} is injected already; each adapter is injected once")
+        if actor.full_finetune or (position and self.actor.full_finetune):
+            if position:
+                raise AdapterError(
+                    "actor.full_finetune trains every parameter with no adapter, so there is one "
+                    "model to train and no second adapter; set actor.full_finetune: false"
+                )
+            self.actor = actor
+            self.model = lora_injection.make_all_trainable(self.hf_model)
+            self.adapters[adapter_name] = AdapterSlot(adapter_name, None, actor, 0)
+            self.stage = "adapted"
+            return
+        peft_name = self._peft_name(adapter_name, position)
+        seed = lora_injection.adapter_seed(self.config.train.seed, position)
+        self.model = lora_injection.inject_lora(
+            self.model if position else self.hf_model, actor, seed=seed, adapter_name=peft_name
+        )
+        if self._checkpoint is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                sharded_loading.materialise_meta_adapter(self.model, peft_name)
+        slot = AdapterSlot(adapter_name, peft_name, actor, position)
+        slot.parameter_names = lora_injection.adapter_parameter_names(self.model, peft_name)
+        lora_injection.broadcast_trainable_from_rank0(self.model, self.device, slot.parameter_names)
+        self.adapters[adapter_name] = slot
+        lora_injection.make_adapters_trainable(self.model, [s.peft_name for s in self.adapters.values()])
+        lora_injection.route(self.model, next(iter(self.adapters.values())).peft_name)
+        if position == 0:
+            self.actor = actor
         self.stage = "adapted"
 
     def shard(self, actor: ActorConfig) -> None:
-        """Apply FSDP2 over all ranks and build AdamW over the trainable parameters."""
+        """Apply FSDP2 over all ranks and build one AdamW per adapter over its parameters.
+
+        ``actor`` (the first adapter's) gives the engine's settings; each adapter's optimizer
+        settings are those of the ``actor`` its injection was given.
+        """
         self._require_stage("adapted", "shard the model", "run areal_inject_adapter")
         self.actor = actor
+        if len(self.adapters) == 1:  # a run's only adapter: the actor given here, as always
+            next(iter(self.adapters.values())).actor = actor
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         # Before sharding, so FSDP2 knows the head as an owner of the (possibly tied) weight.
         self.logprob_head = logprob_head.install(
@@ -123,7 +200,14 @@ class FSDP2Engine:
         if loader is not None:
             loader.load(self.device)
             self._checkpoint = None
-        self.optimizer = optimizer.build_adamw(self.model, actor.optimizer)
+        named = dict(self.model.named_parameters())
+        for slot in self.adapters.values():
+            if slot.peft_name is None:  # full fine-tuning
+                slot.parameters = optimizer.trainable_parameters(self.model)
+                slot.parameter_names = [n for n, p in named.items() if p.requires_grad]
+            else:
+                slot.parameters = [named[name] for name in slot.parameter_names]
+            slot.optimizer = optimizer.adamw(slot.parameters, slot.actor.optimizer)
         self.stage = "sharded"
 
     def reshard(self) -> None:
@@ -135,7 +219,8 @@ class FSDP2Engine:
         """Drop the model and optimizer; destroy the process group if this engine created it."""
         if self.stage == "closed":
             return
-        self.model = self.hf_model = self.optimizer = None
+        self.model = self.hf_model = None
+        self.adapters = {}
         self.stage = "closed"
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -161,25 +246,46 @@ class FSDP2Engine:
     def _dummy_sequence(self) -> list[list[int]]:
         return [[self.pad_id, self.pad_id]]
 
-    def _adapter_context(self, disable_adapter: bool):
-        if not disable_adapter:
-            return contextlib.nullcontext()
-        if self.actor.full_finetune:
-            raise AdapterError(
-                "disable_adapter=True needs a LoRA adapter; with actor.full_finetune there is no "
-                "frozen base model to fall back to"
-            )
-        return self.model.disable_adapter()
+    def slot(self, adapter: str | None) -> AdapterSlot:
+        """The adapter named ``adapter``; None: the only one (an error when there are several)."""
+        if adapter is None:
+            if len(self.adapters) != 1:
+                raise AdapterError(
+                    f"the fsdp2 engine holds {len(self.adapters)} adapters {list(self.adapters)}: "
+                    f"name the one meant with adapter="
+                )
+            return next(iter(self.adapters.values()))
+        if adapter not in self.adapters:
+            raise AdapterError(f"no adapter {adapter!r} in the fsdp2 engine; it holds {list(self.adapters)}")
+        return self.adapters[adapter]
+
+    def _adapter_context(self, disable_adapter: bool, adapter: str | None):
+        """Route the forward through ``adapter`` (or through none: the base model)."""
+        if disable_adapter:
+            if self.actor.full_finetune:
+                raise AdapterError(
+                    "disable_adapter=True needs a LoRA adapter; with actor.full_finetune there is no "
+                    "frozen base model to fall back to"
+                )
+            if adapter is not None:
+                self.slot(adapter)  # a misspelt name is still an error
+            return lora_injection.adapters_disabled(self.model)
+        self._use(self.slot(adapter))
+        return contextlib.nullcontext()
+
+    def _use(self, slot: AdapterSlot) -> None:
+        if slot.peft_name is not None:
+            lora_injection.route(self.model, slot.peft_name)
 
     # --- training calls ----------------------------------------------------------------------
 
-    def _inference(self, sequences, disable_adapter: bool, per_batch) -> list[torch.Tensor]:
+    def _inference(self, sequences, disable_adapter: bool, adapter: str | None, per_batch) -> list[torch.Tensor]:
         """``per_batch(batch) -> one tensor per sequence`` over every micro-batch, no gradient.
 
         Collective (dummy micro-batches fill up to the largest count of any rank); results are
         float32 CPU tensors in the order of ``sequences``.
         """
-        context = self._adapter_context(disable_adapter)
+        context = self._adapter_context(disable_adapter, adapter)
         plan, count = self._schedule(sequences)
         results: list[torch.Tensor | None] = [None] * len(sequences)
         self.model.eval()
@@ -195,20 +301,23 @@ class FSDP2Engine:
         return results
 
     def compute_logprobs(
-        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
+        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False,
+        adapter: str | None = None,
     ) -> list[torch.Tensor]:
-        """Per-token log-probabilities (float32, CPU, length ``len(seq) - 1``) of each sequence.
+        """Per-token log-probabilities (float32, CPU, length ``len(seq) - 1``) of each sequence
+        under ``adapter`` (None: the only adapter; with several, an error).
 
         ``disable_adapter=True`` gives the base model's, from the same sharded model.
         """
         self.require_sharded("compute log-probabilities")
         return self._inference(
-            sequences, disable_adapter,
+            sequences, disable_adapter, adapter,
             lambda batch: sequence_logprobs(self.model, batch, self.pad_id, self.device, self.logprob_head),
         )
 
     def forward_logits(
-        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
+        self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False,
+        adapter: str | None = None,
     ) -> list[torch.Tensor]:
         """The logits ``[len(seq), vocab]`` (float32, CPU) of each sequence (collective).
 
@@ -220,7 +329,7 @@ class FSDP2Engine:
             logits = forward_logits(self.model, batch, self.pad_id, self.device)
             return [logits[row, : len(sequence)] for row, sequence in enumerate(batch)]
 
-        return self._inference(sequences, disable_adapter, per_batch)
+        return self._inference(sequences, disable_adapter, adapter, per_batch)
 
     def _run_loss(self, loss_fn: LossFn, logprobs: list[torch.Tensor], indices: list[int]):
         """``(loss, metrics)`` of one micro-batch; raises ArealError for a malformed answer."""
@@ -234,8 +343,14 @@ class FSDP2Engine:
             )
         return loss.reshape(()), {key: float(value) for key, value in dict(metrics or {}).items()}
 
-    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn) -> dict[str, float]:
-        """One AdamW step on the sum over ranks and micro-batches of ``loss_fn``'s losses.
+    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn,
+                   adapter: str | None = None) -> dict[str, float]:
+        """One AdamW step of ``adapter`` (None: the only adapter; with several, an error) on the
+        sum over ranks and micro-batches of ``loss_fn``'s losses.
+
+        Only that adapter's parameters get a gradient (the forward runs through it alone); they
+        are clipped on their own (its ``grad_clip``) and stepped by its AdamW at the rate of its
+        own k-th step. The other adapters are untouched.
 
         Returns, for THIS rank (the loop sums over ranks itself): ``loss`` and ``loss_fn``'s
         metrics summed over this rank's micro-batches, ``num_sequences``, ``num_tokens`` and
@@ -247,6 +362,8 @@ class FSDP2Engine:
         self.require_sharded("train")
         if not callable(loss_fn):
             raise ArealError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        slot = self.slot(adapter)
+        self._use(slot)
         plan, count = self._schedule(sequences)
         self.model.train()
         local = {"loss": 0.0, "num_sequences": float(len(sequences)),
@@ -271,22 +388,23 @@ class FSDP2Engine:
         try:
             distributed.raise_together(failure)
         except ArealError:
-            self.optimizer.zero_grad(set_to_none=True)
+            slot.optimizer.zero_grad(set_to_none=True)
             raise
-        params = optimizer.trainable_parameters(self.model)
+        params = slot.parameters
         distributed.sum_replicated_gradients(params, self.device)
-        grad_norm = optimizer.clip_grad_norm(params, self.actor.optimizer.grad_clip, self.device)
+        grad_norm = optimizer.clip_grad_norm(params, slot.actor.optimizer.grad_clip, self.device)
         skipped = not math.isfinite(grad_norm)
-        optimizer.set_learning_rate(self.optimizer, learning_rate(
-            self.actor.optimizer, self.step, total_optimizer_steps(self.config)))
+        optimizer.set_learning_rate(slot.optimizer, learning_rate(
+            slot.actor.optimizer, slot.step, total_optimizer_steps(self.config)))
         if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            slot.optimizer.step()
+        slot.optimizer.zero_grad(set_to_none=True)
+        slot.step += 1
         self.step += 1
         return {
             **local,
             "grad_norm": grad_norm,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": float(slot.optimizer.param_groups[0]["lr"]),
             "num_microbatches": float(count),
             "dummy_microbatches": float(count - len(plan)),
             "update_skipped": float(skipped),
@@ -305,7 +423,8 @@ class FSDP2Engine:
     # --- introspection -------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, Any]:
-        """Full copies of the trainable parameters on rank 0 (``{}`` elsewhere; collective)."""
+        """Full copies of the trainable parameters (every adapter's) on rank 0 (``{}``
+        elsewhere; collective)."""
         from areal_fsdp2.adapter_export import gather_trainable
 
         self.require_sharded("gather the trainable parameters")

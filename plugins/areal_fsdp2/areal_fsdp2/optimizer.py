@@ -17,8 +17,13 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def build_adamw(model: torch.nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over the (sharded) trainable parameters of ``model``."""
+    return adamw(trainable_parameters(model), config)
+
+
+def adamw(params: list[torch.nn.Parameter], config: OptimizerConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` (one adapter's) with ``config``'s settings."""
     return torch.optim.AdamW(
-        trainable_parameters(model),
+        params,
         lr=config.lr,
         betas=tuple(config.betas),
         eps=config.eps,

@@ -30,6 +30,7 @@ def areal_declare_backends():
                 max_rank=None,
                 transports=(PEFT_DIRECTORY,),
                 target_module_syntax="names",
+                multi_adapter=True,
             ),
         )
     ]
@@ -62,10 +63,10 @@ def _own_engine(engine, hook: str):
 
 
 @hookimpl
-def areal_inject_adapter(backend, engine, actor):
+def areal_inject_adapter(backend, engine, actor, adapter_name):
     if backend != BACKEND:
         return None
-    _own_engine(engine, "areal_inject_adapter").inject_adapter(actor)
+    _own_engine(engine, "areal_inject_adapter").inject_adapter(actor, adapter_name)
     return engine
 
 
@@ -78,9 +79,9 @@ def areal_shard_model(backend, engine, actor):
 
 
 @hookimpl
-def areal_export_adapter(backend, engine, directory, version):
+def areal_export_adapter(backend, engine, directory, version, adapter_name):
     if backend != BACKEND:
         return None
     from areal_fsdp2.adapter_export import export_adapter
 
-    return export_adapter(_own_engine(engine, "areal_export_adapter"), directory, version)
+    return export_adapter(_own_engine(engine, "areal_export_adapter"), directory, version, adapter_name)
