@@ -7,13 +7,30 @@ no request in flight uses it. One ``AdapterVersions`` per server client, owned b
 
 from __future__ import annotations
 
+import re
 import threading
 
 from areal_core.errors import ArealError
 
+_VERSION_NAME = re.compile(r"^(?P<adapter>.+)-v(?P<version>[0-9]+)$")
+
 
 def version_name(lora_name: str, version: int) -> str:
     return f"{lora_name}-v{version}"
+
+
+def parse_version_name(name: str) -> tuple[str, int]:
+    """``(adapter, version)`` of a version name ``<adapter>-v<N>``; the inverse of ``version_name``.
+
+    The last ``-v<digits>`` is the version, so an adapter name may itself contain ``-v``
+    (``a-v1-v2`` is version 2 of ``a-v1``).
+
+    :raises ValueError: ``name`` does not end in ``-v<N>`` after a non-empty adapter name.
+    """
+    match = _VERSION_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not an adapter version name <adapter>-v<N>")
+    return match["adapter"], int(match["version"])
 
 
 def live_versions_needed(max_head_offpolicyness: int) -> int:
