@@ -6,6 +6,8 @@ support matrix, so nothing heavy is imported here.
 
 from __future__ import annotations
 
+from areal_core.adapters import run_adapters
+from areal_core.config import RunConfig
 from areal_core.versions import live_versions_needed
 
 #: The values vLLM's ``--max-lora-rank`` accepts; an adapter above the server's value is refused.
@@ -45,6 +47,25 @@ def server_max_lora_rank(lora_rank: int) -> int:
     )
 
 
-def server_max_loras(max_loras: int, max_head_offpolicyness: int) -> int:
-    """``--max-loras``: ``rollout.max_loras`` when set (> 0), else the versions live at once."""
-    return max_loras if max_loras > 0 else live_versions_needed(max_head_offpolicyness)
+def server_max_loras(max_loras: int, max_head_offpolicyness: int | list[int]) -> int:
+    """``--max-loras``: ``rollout.max_loras`` when set (> 0), else the versions live at once.
+
+    ``max_head_offpolicyness`` is one window, or one per adapter: each adapter keeps its own
+    versions live (``live_versions_needed`` of its window), all on the one server, so they add up.
+    """
+    if max_loras > 0:
+        return max_loras
+    windows = max_head_offpolicyness if isinstance(max_head_offpolicyness, list) else [max_head_offpolicyness]
+    return sum(live_versions_needed(window) for window in windows)
+
+
+def run_max_lora_rank(config: RunConfig) -> int:
+    """``--max-lora-rank`` for a run: the flag value holding the largest rank of its adapters."""
+    return server_max_lora_rank(max(adapter.lora_rank for adapter in run_adapters(config)))
+
+
+def run_max_loras(config: RunConfig) -> int:
+    """``--max-loras`` for a run: ``rollout.max_loras`` (> 0), else the sum over its adapters of
+    the versions each keeps live at once."""
+    return server_max_loras(config.rollout.max_loras,
+                            [adapter.max_head_offpolicyness for adapter in run_adapters(config)])

@@ -21,7 +21,7 @@ from pathlib import Path
 from areal_core.config import RunConfig
 from areal_core.errors import ArealError
 
-from areal_vllm.capabilities import server_max_lora_rank, server_max_loras
+from areal_vllm.capabilities import run_max_lora_rank, run_max_loras
 from areal_vllm.http_client import VllmHttp
 
 #: Environment variable vLLM reads its API key from (kept off the command line and the log).
@@ -54,8 +54,9 @@ def server_command(config: RunConfig, port: int, *, python: str = sys.executable
         "--kv-cache-memory-bytes", str(rollout.kv_cache_bytes),
         "--enforce-eager",
         "--enable-lora",
-        "--max-lora-rank", str(server_max_lora_rank(actor.lora_rank)),
-        "--max-loras", str(server_max_loras(rollout.max_loras, rollout.max_head_offpolicyness)),
+        # every adapter of the run on this one server: the largest rank, every one's live versions
+        "--max-lora-rank", str(run_max_lora_rank(config)),
+        "--max-loras", str(run_max_loras(config)),
         "--seed", str(config.train.seed),
         *rollout.extra_args,
     ]

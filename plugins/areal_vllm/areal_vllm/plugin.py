@@ -30,6 +30,17 @@ def areal_declare_backends():
                 transports=(PEFT_DIRECTORY,),
                 unservable_modules=UNSERVABLE_MODULES,
                 target_module_syntax="names",
+                # Several adapters on one base: vLLM holds up to --max-loras adapters in slots of
+                # one stacked weight per layer (each padded to --max-lora-rank, so ranks may
+                # differ) and batches requests naming different adapters together, each token
+                # picking its own slot: the Punica kernels on GPU, their PyTorch fallback
+                # (bgmv/sgmv gathers by slot index) on CPU. The fallback is right for tokens
+                # with an adapter; tokens without one (index -1) would pick the last slot, which
+                # mixed_batch_fix.py corrects on CPU, so base-model requests may share those
+                # batches too. The launch flags hold every adapter (largest rank, the sum of their
+                # live versions); tests/vllm/test_multi_adapter.py checks mixed batches against
+                # one adapter per request on a real server.
+                multi_adapter=True,
             ),
         )
     ]

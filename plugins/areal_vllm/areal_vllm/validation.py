@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from areal_core.adapters import run_adapters
 from areal_core.config import ALL_LINEAR, DTYPES, RunConfig
 from areal_core.errors import ConfigError
 from areal_core.versions import live_versions_needed
@@ -42,36 +43,51 @@ def _cpu_build_installed() -> bool:
     return True
 
 
+def _adapter_keys(config: RunConfig):
+    """Each adapter of the run with the prefix its settings are reported under: ``actor.`` for a
+    run without ``adapters:``, ``adapters.<name>.`` for an entry of the list."""
+    for adapter in run_adapters(config):
+        yield adapter, (f"adapters.{adapter.name}." if config.adapters else "actor.")
+
+
 def _check_lora(config: RunConfig) -> list[ConfigError]:
-    actor = config.actor
+    """Every adapter's target modules as vLLM matches them (exact short names), and for a run
+    without ``adapters:`` also its rank and unservable modules in vLLM's words.
+
+    The entries of ``adapters:`` get their rank and unservable modules checked by the core
+    (``areal_core.validation``, from this plugin's declaration), so they are not repeated here.
+    """
     errors = []
-    if not 1 <= actor.lora_rank <= MAX_RANK:
-        errors.append(ConfigError(
-            "actor.lora_rank", actor.lora_rank,
-            f"vLLM serves LoRA ranks from 1 to {MAX_RANK}",
-            f"use a rank <= {MAX_RANK}; the server's --max-lora-rank is then the smallest of "
-            f"{', '.join(map(str, ALLOWED_RANKS))} that holds it"))
-    for i, module in enumerate(actor.target_modules):
-        if module == ALL_LINEAR:
-            continue
-        if not _MODULE_NAME.match(module):
+    for adapter, prefix in _adapter_keys(config):
+        single = not config.adapters
+        if single and not 1 <= adapter.lora_rank <= MAX_RANK:
             errors.append(ConfigError(
-                f"actor.target_modules[{i}]", module,
-                "vLLM matches adapters by exact short module names; regexes and dotted paths are not served",
-                "list short names such as q_proj, v_proj, or use [all-linear]"))
-        elif module in UNSERVABLE_MODULES:
-            errors.append(ConfigError(
-                f"actor.target_modules[{i}]", module,
-                "vLLM cannot carry LoRA on output heads or embeddings (nor on modules_to_save)",
-                "target the linear projections only, e.g. [all-linear] or [q_proj, v_proj]"))
+                f"{prefix}lora_rank", adapter.lora_rank,
+                f"vLLM serves LoRA ranks from 1 to {MAX_RANK}",
+                f"use a rank <= {MAX_RANK}; the server's --max-lora-rank is then the smallest of "
+                f"{', '.join(map(str, ALLOWED_RANKS))} that holds it"))
+        for i, module in enumerate(adapter.target_modules):
+            if module == ALL_LINEAR:
+                continue
+            if not _MODULE_NAME.match(module):
+                errors.append(ConfigError(
+                    f"{prefix}target_modules[{i}]", module,
+                    "vLLM matches adapters by exact short module names; regexes and dotted paths are not served",
+                    "list short names such as q_proj, v_proj, or use [all-linear]"))
+            elif single and module in UNSERVABLE_MODULES:
+                errors.append(ConfigError(
+                    f"{prefix}target_modules[{i}]", module,
+                    "vLLM cannot carry LoRA on output heads or embeddings (nor on modules_to_save)",
+                    "target the linear projections only, e.g. [all-linear] or [q_proj, v_proj]"))
     return errors
 
 
 def _check_rollout(config: RunConfig) -> list[ConfigError]:
     rollout = config.rollout
     errors = []
+    # the versions live at once; for adapters: the core adds up every adapter's against max_loras
     needed = live_versions_needed(rollout.max_head_offpolicyness)
-    if 0 < rollout.max_loras < needed:
+    if not config.adapters and 0 < rollout.max_loras < needed:
         errors.append(ConfigError(
             "rollout.max_loras", rollout.max_loras,
             f"with max_head_offpolicyness={rollout.max_head_offpolicyness} up to {needed} adapter "
