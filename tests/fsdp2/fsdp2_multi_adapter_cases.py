@@ -1,7 +1,7 @@
 """The two-rank cases of several adapters on one base, run by ONE launch of two processes.
 
 Not a test module: each process runs this script with RANK/WORLD_SIZE set (see
-``test_multi_adapter.py``'s fixture), executes the cases in order, and writes what it observed to
+``test_multi_adapter_fsdp2.py``'s fixture), executes the cases in order, and writes what it observed to
 ``<out>/rank<N>.json`` and ``<out>/<case>.rank<N>.<what>.safetensors``.
 
 Phases (each a fresh process group on its own port):

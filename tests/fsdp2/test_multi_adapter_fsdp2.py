@@ -1,6 +1,6 @@
 """Several LoRA adapters on one frozen base in the fsdp2 engine.
 
-Two real gloo ranks (one launch of ``multi_adapter_cases.py``): gradients never cross adapters,
+Two real gloo ranks (one launch of ``fsdp2_multi_adapter_cases.py``): gradients never cross adapters,
 two adapters of other ranks and target modules train, export (each checked against peft loading
 it on the plain HF model), resume bit-for-bit, and follow their own learning-rate schedules.
 One rank in this process: the first adapter starts like a run's only adapter, routing never
@@ -31,7 +31,7 @@ from areal_core.config import ActorConfig, AdapterConfig, OptimizerConfig, RunCo
 from areal_core.errors import AdapterError  # noqa: E402
 from areal_core.registry import Registry  # noqa: E402
 
-CASES_SCRIPT = Path(__file__).with_name("multi_adapter_cases.py")
+CASES_SCRIPT = Path(__file__).with_name("fsdp2_multi_adapter_cases.py")
 LAUNCH_TIMEOUT_S = 300
 FLOAT32_U = 2.0**-24
 
@@ -138,7 +138,7 @@ def test_gradients_never_cross_adapters(multi_run, case):
 def test_each_adapter_follows_its_own_learning_rate_schedule(multi_run):
     from areal_core.lr_schedule import learning_rate
 
-    import multi_adapter_cases as cases  # noqa: F401  (beside this file: pytest puts it on sys.path)
+    import fsdp2_multi_adapter_cases as cases  # noqa: F401  (beside this file: pytest puts it on sys.path)
 
     optimizers = {a.name: a.optimizer for a in cases.ADAPTERS}
     counts = {name: 0 for name in optimizers}
@@ -192,7 +192,7 @@ def test_each_adapter_exports_its_own_peft_directory(multi_run, tiny_qwen2, name
 
     from areal_core.adapter_format import verify_adapter_dir
 
-    import multi_adapter_cases as cases
+    import fsdp2_multi_adapter_cases as cases
 
     exported = multi_run.result("train")["export"][name]
     assert multi_run.result("train", 1)["export"][name] == exported
