@@ -2,12 +2,17 @@
 
 Cheap checks only: nothing is loaded or started. The rules every backend shares (rank >= 1,
 peft type, dense model, ...) are the core's (``areal_core.validation``); these are SGLang's.
+A run with ``adapters:`` has each adapter's target modules checked under
+``adapters.<name>.target_modules``, and the flags a launched server gets must hold them all (the
+largest rank, the sum of their live versions; the core adds those up against
+``rollout.max_loras``).
 """
 
 from __future__ import annotations
 
 import os
 
+from areal_core.adapters import run_adapters
 from areal_core.config import RunConfig
 from areal_core.errors import ArealError, ConfigError
 from areal_core.versions import live_versions_needed
@@ -57,6 +62,8 @@ def validate(config: RunConfig) -> list[ConfigError]:
     """Every problem an SGLang rollout server would have with ``config`` (empty when none)."""
     actor, rollout = config.actor, config.rollout
     errors: list[ConfigError] = []
+    if config.adapters:
+        return _validate_adapters(config) + _common_errors(config)
     errors += target_module_errors(actor.target_modules)
 
     live = live_versions_needed(rollout.max_head_offpolicyness)
@@ -76,6 +83,36 @@ def validate(config: RunConfig) -> list[ConfigError]:
                                f"actor.lora_rank is {actor.lora_rank}")
     errors += _int_flag_errors(args, "--max-loaded-loras", max(live, rollout.max_loras),
                                "every live adapter version must stay resident")
+    return errors + _common_errors(config)
+
+
+def _validate_adapters(config: RunConfig) -> list[ConfigError]:
+    """A run with ``adapters:``: each entry's modules, and the flags holding every entry."""
+    from areal_core.validation import entry_label
+
+    errors: list[ConfigError] = []
+    adapters = run_adapters(config)
+    for index, adapter in enumerate(adapters):
+        key = f"{entry_label(config, index)}.target_modules"
+        errors += target_module_errors(adapter.target_modules, key=key)
+    live = sum(live_versions_needed(adapter.max_head_offpolicyness) for adapter in adapters)
+    largest = max(range(len(adapters)), key=lambda index: adapters[index].lora_rank)
+    args = list(config.rollout.extra_args)
+    errors += _int_flag_errors(
+        args, "--max-lora-rank", adapters[largest].lora_rank,
+        f"{entry_label(config, largest)}.lora_rank is {adapters[largest].lora_rank}, the largest rank of "
+        "the adapters, and one server holds them all")
+    errors += _int_flag_errors(
+        args, "--max-loaded-loras", max(live, config.rollout.max_loras),
+        f"the adapters keep up to {live} versions live at once, all resident on the one server")
+    return errors
+
+
+def _common_errors(config: RunConfig) -> list[ConfigError]:
+    """The checks that do not depend on the adapters: derived flags, API key, the server venv."""
+    rollout = config.rollout
+    args = list(rollout.extra_args)
+    errors: list[ConfigError] = []
     for flag, key in _DERIVED_FLAGS.items():
         if _flag_value(args, flag) is not None or flag in args:
             errors.append(

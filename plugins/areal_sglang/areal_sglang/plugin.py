@@ -31,13 +31,25 @@ def areal_declare_backends():
                 peft_types=("lora",),
                 moe=False,
                 # SGLang sizes its LoRA buffers from --max-lora-rank, which areal sets to
-                # actor.lora_rank: any rank is accepted, there is no fixed list.
+                # actor.lora_rank (the largest adapter's): any rank is accepted, no fixed list.
                 max_rank=None,
                 allowed_ranks=None,
                 transports=(PEFT_DIRECTORY,),
                 # --lora-target-modules takes a fixed list of names; config_checks refuses others.
                 unservable_modules=(),
                 target_module_syntax="names",
+                # Several adapters on one base: SGLang keeps up to --max-loaded-loras adapters
+                # resident and builds each batch from up to --max-loras-per-batch of them, each
+                # request's tokens computed with its own adapter's slot of buffers sized for
+                # --max-lora-rank and --lora-target-modules (a smaller rank uses the first rows of
+                # its slot, a module an adapter lacks is zero there). A launched server gets the
+                # largest rank (areal sets --max-lora-rank to it), the union of the adapters'
+                # modules and room for the sum of their live versions; the client keeps each
+                # adapter's versions apart (server.py).
+                # tests/sglang/test_multi_adapter.py checks, on a real server, that a batch mixing
+                # two adapters of different ranks and modules answers each request as it is
+                # answered alone.
+                multi_adapter=True,
             ),
         )
     ]

@@ -2,7 +2,9 @@
 
 peft writes ``all-linear`` where SGLang writes ``all``; explicit short module names pass through
 when SGLang 0.5.23 can carry LoRA on them; regular expressions (peft accepts a string regex)
-have no SGLang equivalent and are refused.
+have no SGLang equivalent and are refused. Several adapters on one server need the union of their
+modules (``union_target_modules``): SGLang refuses an adapter whose modules are not among the
+server's.
 """
 
 from __future__ import annotations
@@ -98,3 +100,18 @@ def sglang_target_modules(modules: list[str]) -> list[str]:
     if modules == [ALL_LINEAR] or modules == [SGLANG_ALL]:
         return [SGLANG_ALL]
     return sorted(set(modules))
+
+
+def union_target_modules(module_lists: list[list[str]]) -> list[str]:
+    """The target modules a server holding adapters on each of ``module_lists`` needs.
+
+    SGLang sizes its LoRA buffers once, at start, for ``--lora-target-modules``, and loads an
+    adapter only when its modules (normalised: q/k/v into ``qkv_proj``, gate/up into
+    ``gate_up_proj``) are among them; so the server gets every adapter's modules, and
+    ``all-linear`` as soon as one adapter asks for it (``[]`` means ``[all-linear]``). A module
+    an adapter lacks is zero in that adapter's slot.
+    """
+    lists = [list(modules) or [ALL_LINEAR] for modules in module_lists]
+    if any(ALL_LINEAR in modules or SGLANG_ALL in modules for modules in lists):
+        return [ALL_LINEAR]
+    return sorted({name for modules in lists for name in modules})
