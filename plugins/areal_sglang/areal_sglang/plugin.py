@@ -46,7 +46,7 @@ def areal_declare_backends():
                 # largest rank (areal sets --max-lora-rank to it), the union of the adapters'
                 # modules and room for the sum of their live versions; the client keeps each
                 # adapter's versions apart (server.py).
-                # tests/sglang/test_multi_adapter.py checks, on a real server, that a batch mixing
+                # tests/sglang/test_multi_adapter_sglang.py checks, on a real server, that a batch mixing
                 # two adapters of different ranks and modules answers each request as it is
                 # answered alone.
                 multi_adapter=True,
