@@ -177,8 +177,10 @@ def evaluate(model, records: list[dict], *, temperature: float = 0.0, seed: int 
     return sum(arithmetic.reward(r, o) for r, o in zip(records, outputs)) / len(records)
 
 
-def train_base_model(recipe: BaseModelRecipe, log: Callable[[str], None] = lambda _: None):
-    """A freshly initialised Qwen2 model trained by ``recipe`` (in memory) and its metrics."""
+def fit_from_scratch(recipe, next_batch: Callable[[], tuple], log: Callable[[str], None], label: str):
+    """A freshly initialised Qwen2 of ``recipe``'s shape, trained for ``recipe.steps`` steps on
+    ``next_batch() -> (input_ids, labels)`` with AdamW and ``_lr_factor``'s schedule; in eval mode.
+    Shared by the recipes of ``make demo`` and ``make demo-multi``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -188,16 +190,14 @@ def train_base_model(recipe: BaseModelRecipe, log: Callable[[str], None] = lambd
         for parameter in model.parameters():
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, recipe.init_std)
-    train_pairs, _ = arithmetic.split_pairs(recipe.split_seed, recipe.held_out)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(recipe, s))
-    rng = random.Random(recipe.seed)
     model.train()
     loss_sum, loss_count = 0.0, 0
     for step in range(recipe.steps):
-        input_ids, labels = _training_batch(recipe, train_pairs, rng)
+        input_ids, labels = next_batch()
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,9 +206,17 @@ def train_base_model(recipe: BaseModelRecipe, log: Callable[[str], None] = lambd
         schedule.step()
         loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
         if (step + 1) % 250 == 0 or step + 1 == recipe.steps:
-            log(f"base model: step {step + 1}/{recipe.steps} loss {loss_sum / loss_count:.4f}")
+            log(f"{label}: step {step + 1}/{recipe.steps} loss {loss_sum / loss_count:.4f}")
             loss_sum, loss_count = 0.0, 0
     model.eval()
+    return model
+
+
+def train_base_model(recipe: BaseModelRecipe, log: Callable[[str], None] = lambda _: None):
+    """A freshly initialised Qwen2 model trained by ``recipe`` (in memory) and its metrics."""
+    train_pairs, _ = arithmetic.split_pairs(recipe.split_seed, recipe.held_out)
+    rng = random.Random(recipe.seed)
+    model = fit_from_scratch(recipe, lambda: _training_batch(recipe, train_pairs, rng), log, "base model")
     dataset = arithmetic.ArithmeticDataset(split_seed=recipe.split_seed, held_out=recipe.held_out)
     held_out = dataset.eval_records()
     carry = [arithmetic.needs_carry(r["a"], r["b"]) for r in held_out]

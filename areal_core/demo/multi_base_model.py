@@ -151,41 +151,13 @@ def held_out_metrics(model, recipe: MultiTaskRecipe) -> dict:
 
 def train_multi_base_model(recipe: MultiTaskRecipe, log: Callable[[str], None] = lambda _: None):
     """A freshly initialised Qwen2 model trained by ``recipe`` (in memory) and its metrics."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_config(base_model._model_config(recipe), dtype=torch.float32)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, recipe.init_std)
     train_pairs = {
         operation: arithmetic.operation_split(operation, recipe.split_seed, recipe.held_out)[0]
         for operation in recipe.operations
     }
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: base_model._lr_factor(recipe, s)
-    )
     rng = random.Random(recipe.seed)
-    model.train()
-    loss_sum, loss_count = 0.0, 0
-    for step in range(recipe.steps):
-        input_ids, labels = _training_batch(recipe, train_pairs, rng)
-        loss = model(input_ids=input_ids, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        if (step + 1) % 250 == 0 or step + 1 == recipe.steps:
-            log(f"multi-task base model: step {step + 1}/{recipe.steps} loss {loss_sum / loss_count:.4f}")
-            loss_sum, loss_count = 0.0, 0
-    model.eval()
+    model = base_model.fit_from_scratch(recipe, lambda: _training_batch(recipe, train_pairs, rng), log,
+                                        "multi-task base model")
     metrics = {"num_parameters": sum(p.numel() for p in model.parameters())}
     metrics.update(held_out_metrics(model, recipe))
     return model, metrics
