@@ -65,6 +65,19 @@ class RunInterrupted(ArealError):
     checkpoint_on_stop = True
 
 
+def raise_again_saying(error: BaseException, what_next: str) -> None:
+    """Raise ``error`` again (its own class where it can be rebuilt from a message), its message
+    followed by ``what_next`` (what was kept and how to continue)."""
+    message = f"{error}; {what_next}"
+    if isinstance(error, LeaderFailed):
+        raise LeaderFailed(message) from error
+    try:
+        again = type(error)(message)
+    except TypeError:  # an error class that takes other arguments
+        again = ArealError(message)
+    raise again from error
+
+
 class GRPOLoop:
     def __init__(self, config: RunConfig, registry: Registry, engine: Engine, comm: Comm,
                  run_dir: RunDirectory, dataset, reward_fn: Callable,
@@ -653,14 +666,7 @@ class GRPOLoop:
             kept = f"the checkpoint of step {step} (the last completed) is intact"
         else:
             kept = "no step was completed, so there is nothing to checkpoint"
-        message = f"{error}; {kept}; continue with: {self.resume_command}"
-        if isinstance(error, LeaderFailed):
-            raise LeaderFailed(message) from error
-        try:
-            again = type(error)(message)
-        except TypeError:  # an error class that takes other arguments
-            again = ArealError(message)
-        raise again from error
+        raise_again_saying(error, f"{kept}; continue with: {self.resume_command}")
 
     def _progress(self, record: dict) -> dict:
         postfix = {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.3f}",

@@ -24,8 +24,8 @@ from areal_core.adapters import adapter_views
 from areal_core.config import RunConfig
 from areal_core.grpo.adapter_records import AdapterRunDirectory, StepRecords
 from areal_core.grpo.checkpointing import Checkpoints
-from areal_core.grpo.comm import Comm, LeaderFailed, stops_with_checkpoint
-from areal_core.grpo.loop import PLOT_EVERY, GRPOLoop
+from areal_core.grpo.comm import Comm, stops_with_checkpoint
+from areal_core.grpo.loop import PLOT_EVERY, GRPOLoop, raise_again_saying
 from areal_core.grpo.run_dir import RunDirectory
 from areal_core.grpo.stop_request import STOP
 from areal_core.errors import ArealError
@@ -116,7 +116,7 @@ class MultiAdapterLoop:
         if self.comm.is_leader:
             self.records.resume({name: part["step"] for name, part in saved.items()})
 
-    def save_checkpoint(self, trigger: AdapterTrack | None, step: int, version: int | None = None) -> None:
+    def save_checkpoint(self, trigger: AdapterTrack | None = None, step: int = 0, version: int | None = None) -> None:
         """Collective: every adapter at its last completed step (``trigger``, the adapter whose
         loop asked, at ``step`` and ``version``); its records are written first."""
         states = {}
@@ -143,20 +143,13 @@ class MultiAdapterLoop:
         behind = [t for t in self.tracks if t.completed_step > t.checkpointed_step]
         steps = ", ".join(f"{t.name} {t.completed_step}" for t in self.tracks)
         if behind:
-            self.save_checkpoint(None, 0)
+            self.save_checkpoint()
             kept = f"a checkpoint of the last completed steps ({steps}) is written"
         elif any(t.completed_step for t in self.tracks):
             kept = f"the checkpoint of the last completed steps ({steps}) is intact"
         else:
             kept = "no step was completed, so there is nothing to checkpoint"
-        message = f"{error}; {kept}; continue with: {self.resume_command}"
-        if isinstance(error, LeaderFailed):
-            raise LeaderFailed(message) from error
-        try:
-            again = type(error)(message)
-        except TypeError:
-            again = ArealError(message)
-        raise again from error
+        raise_again_saying(error, f"{kept}; continue with: {self.resume_command}")
 
     # --- progress -------------------------------------------------------------------------------
 
