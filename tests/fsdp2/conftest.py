@@ -2,54 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from tests.fsdp2.two_rank_launch import TwoRankRun, free_ports
+
 CASES_SCRIPT = Path(__file__).with_name("distributed_cases.py")
 LAUNCH_TIMEOUT_S = 420
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports, free when this returns."""
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-class TwoRankRun:
-    """What the two processes of ``distributed_cases.py`` wrote."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-    def result(self, case: str, rank: int = 0) -> dict:
-        return self.ranks[rank][case]
-
-    def tensors(self, case: str, what: str, rank: int = 0) -> dict:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.out / f"{case}.rank{rank}.{what}.safetensors"))
-
-    def tensor_list(self, case: str, what: str, rank: int = 0) -> list:
-        loaded = self.tensors(case, what, rank)
-        return [loaded[str(i)] for i in range(len(loaded))]
 
 
 @pytest.fixture(scope="session")
 def two_rank_run(tiny_qwen2, tiny_llama, tmp_path_factory) -> TwoRankRun:
     """Run every two-rank case in one launch of two real processes (gloo, CPU)."""
     out = tmp_path_factory.mktemp("fsdp2-two-ranks")
-    ports = ",".join(str(p) for p in _free_ports(2))
+    ports = ",".join(str(p) for p in free_ports(2))
     command = [sys.executable, str(CASES_SCRIPT), "--out", str(out), "--qwen2", str(tiny_qwen2),
                "--llama", str(tiny_llama), "--ports", ports]
     processes, logs = [], []

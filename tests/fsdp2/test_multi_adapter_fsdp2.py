@@ -14,20 +14,19 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
-import socket
 
 import pytest
 
 from areal_core.testing.numerics import assert_close_to_norm
+from tests.fsdp2.two_rank_launch import TwoRankRun, free_ports
 
 pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
 
 from areal_core.adapters import adapter_views  # noqa: E402
-from areal_core.config import ActorConfig, AdapterConfig, OptimizerConfig, RunConfig, TrainConfig  # noqa: E402
+from areal_core.config import ActorConfig, AdapterConfig, RunConfig, TrainConfig  # noqa: E402
 from areal_core.errors import AdapterError  # noqa: E402
 from areal_core.registry import Registry  # noqa: E402
 
@@ -36,37 +35,11 @@ LAUNCH_TIMEOUT_S = 300
 FLOAT32_U = 2.0**-24
 
 
-def _free_ports(count: int) -> list[int]:
-    with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-class Run:
-    def __init__(self, out: Path):
-        self.out = out
-        self.ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-
-    def result(self, case: str, rank: int = 0) -> dict:
-        return self.ranks[rank][case]
-
-    def tensors(self, case: str, what: str, rank: int = 0) -> dict:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.out / f"{case}.rank{rank}.{what}.safetensors"))
-
-    def tensor_list(self, case: str, what: str, rank: int = 0) -> list:
-        loaded = self.tensors(case, what, rank)
-        return [loaded[str(i)] for i in range(len(loaded))]
-
-
 @pytest.fixture(scope="module")
-def multi_run(tiny_qwen2, tmp_path_factory) -> Run:
+def multi_run(tiny_qwen2, tmp_path_factory) -> TwoRankRun:
     """Every two-rank multi-adapter case in one launch of two real processes (gloo, CPU)."""
     out = tmp_path_factory.mktemp("fsdp2-multi-adapter")
-    ports = ",".join(str(p) for p in _free_ports(2))
+    ports = ",".join(str(p) for p in free_ports(2))
     command = [sys.executable, str(CASES_SCRIPT), "--out", str(out), "--qwen2", str(tiny_qwen2), "--ports", ports]
     processes, logs = [], []
     for rank in (0, 1):
@@ -87,7 +60,7 @@ def multi_run(tiny_qwen2, tmp_path_factory) -> Run:
         tails = "\n".join(f"--- rank {r} ({codes[r]}) ---\n" + (out / f"rank{r}.log").read_text()[-4000:]
                           for r in (0, 1))
         pytest.fail(f"the two-rank multi-adapter launch failed:\n{tails}")
-    return Run(out)
+    return TwoRankRun(out)
 
 
 def _of(state: dict, peft_name: str) -> dict:
