@@ -113,7 +113,13 @@ def test_two_adapters_of_different_ranks_and_modules_keep_their_own_versions(mul
     modules = command[command.index("--lora-target-modules") + 1:command.index("--max-loaded-loras")]
     assert modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
-    # each adapter's versions from a thread of its own, as the core's publishers do
+    # each adapter's versions from a thread of its own, as the core's publishers do. The adapters
+    # are built first, here: transformers' from_pretrained is not thread-safe (two at once can
+    # leave a later load in this process with a tied lm_head on the meta device).
+    for adapter, versions in (("add", (0, 1, 2)), ("sub", (0, 1))):
+        for version in versions:
+            built(adapter, version)
+
     def publish(adapter: str, versions: list[int]) -> None:
         for version in versions:
             server.load_adapter(built(adapter, version), f"{adapter}-v{version}")
