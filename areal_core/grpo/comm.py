@@ -19,7 +19,29 @@ from areal_core.errors import ArealError
 
 
 def is_peer_failure(error: BaseException) -> bool:
-    """Whether ``error`` is a collective failing because another rank died, hung or left."""
+    """Whether ``error`` is a collective failing because another rank died, hung or left.
+
+    A distributed checkpoint wraps each rank's own error in a ``CheckpointException`` (a
+    BaseException, whose ``failures`` maps rank to (error, traceback)); those, and the errors an
+    error was raised ``from``, are looked at too."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if _is_collective_failure(current):
+            return True
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending.extend(f[0] if isinstance(f, tuple) else f for f in failures.values()
+                           if isinstance(f[0] if isinstance(f, tuple) else f, BaseException))
+        pending.append(current.__cause__)
+    return False
+
+
+def _is_collective_failure(error: BaseException) -> bool:
     import torch.distributed as dist
 
     if isinstance(error, getattr(dist, "DistError", ())):

@@ -210,8 +210,9 @@ def test_a_killed_managed_server_is_restarted_and_serves_the_latest_adapter_unde
 def test_a_killed_rank_stops_every_rank_and_the_servers_with_a_clear_message(chain):
     found = chain.result("managed_server_and_rank_killed")
     assert found["code"] != 0
-    assert "lost another training rank" in found["output"] or "stopped by SIGTERM" in found["output"]
-    assert "areal train: the run did not finish" in found["output"] and "resume=true" in found["output"]
+    tail = found["output"][-4000:]  # shown whole when an assertion fails
+    assert "lost another training rank" in found["output"] or "stopped by SIGTERM" in found["output"], tail
+    assert "areal train: the run did not finish" in found["output"] and "resume=true" in found["output"], tail
     assert found["stop_seconds"] < 200, "the surviving rank waited instead of stopping"
     assert not any(is_alive(pid) for pid in found["second_server"])
 

@@ -319,19 +319,31 @@ def test_a_batch_mixing_adapters_answers_each_request_as_its_adapter_alone(multi
         return result
 
     alone = [one(r) for r in requests]  # one request at a time: never two adapters in a step
-    timings.clear()
-    mixed_from = time.time()
-    barrier = threading.Barrier(len(requests))
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        mixed = list(pool.map(lambda r: one(r, barrier), requests))
 
-    # they overlapped: in flight together (the most at one moment, from the client's timings),
-    # and vLLM's scheduler had both adapters' requests running in one step (its own metric)
-    peak = max(sum(start <= t < end for start, end, _ in timings) for t, _, _ in timings)
+    def mixed_round():
+        timings.clear()
+        mixed_from = time.time()
+        barrier = threading.Barrier(len(requests))
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(lambda r: one(r, barrier), requests))
+        # they overlapped: in flight together (the most at one moment, from the client's timings),
+        # and vLLM's scheduler had both adapters' requests running in one step (its own metric)
+        peak = max(sum(start <= t < end for start, end, _ in timings) for t, _, _ in timings)
+        both = [(sorted(running), t) for running, t in _lora_running_series(server.addresses[0])
+                if {names["add"], names["sub"]} <= running and t >= mixed_from - 1]
+        return answers, peak, both
+
+    # On a loaded machine the server may take the requests one step apart: a round that did not
+    # mix them proves nothing, so it is run again (the last round is checked in full below, the
+    # earlier ones for their tokens).
+    rounds = [mixed_round()]
+    while not rounds[-1][2] and len(rounds) < 3:
+        rounds.append(mixed_round())
+    mixed, peak, both = rounds[-1]
     assert peak > len(requests) // 2, f"at most {peak} of {len(requests)} requests were in flight together"
-    both = [(sorted(running), t) for running, t in _lora_running_series(server.addresses[0])
-            if {names["add"], names["sub"]} <= running and t >= mixed_from - 1]
-    assert both, "vLLM never ran the two adapters' requests in one scheduler step"
+    assert both, f"vLLM never ran the two adapters' requests in one scheduler step in {len(rounds)} rounds"
+    for earlier, _, _ in rounds[:-1]:
+        assert [[ids for ids, _ in a] for a in earlier] == [[ids for ids, _ in a] for a in alone]
 
     budget = _unit_budget(Path(vllm_model))
     worst = 0.0
