@@ -145,3 +145,11 @@ def run_dp2(megatron_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron-dp2")
     results = launch(2, 1, _cases(conversion=False, checkpoint_arch="qwen2", misuse=False), megatron_models, out)
     return {"results": results, "out": out}
+
+
+@pytest.fixture(scope="session")
+def run_multi_adapter_tp2(megatron_models, tmp_path_factory):
+    """Two processes, TP=2: the several-adapters cases (``megatron_multi_adapter_cases.py``)."""
+    out = tmp_path_factory.mktemp("megatron-multi-adapter-tp2")
+    results = launch(2, 2, [{"name": "multi_adapter", "kind": "multi_adapter"}], megatron_models, out)
+    return {"results": results, "out": out}

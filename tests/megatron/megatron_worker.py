@@ -73,7 +73,7 @@ def build(model: str, tp: int, *, targets=("all-linear",), rank=4, alpha=8.0, mi
     engine = plugin.areal_build_engine(backend="megatron", config=config)
     engine.load_base_model()
     if lora:
-        plugin.areal_inject_adapter(backend="megatron", engine=engine, actor=config.actor)
+        plugin.areal_inject_adapter(backend="megatron", engine=engine, actor=config.actor, adapter_name=None)
         plugin.areal_shard_model(backend="megatron", engine=engine, actor=config.actor)
     return engine
 
@@ -119,7 +119,7 @@ def case_train_export(ctx, arch, targets):
     initial = whole_adapter(engine)
     metrics = train_steps(engine, ctx, 3)
     exported = plugin.areal_export_adapter(backend="megatron", engine=engine,
-                                           directory=str(ctx["dir"] / "adapter"), version=3)
+                                           directory=str(ctx["dir"] / "adapter"), version=3, adapter_name=None)
     start, end = my_slice(ctx["rank"], ctx["world"])
     logprobs = engine.compute_logprobs(DATA[start:end])
     base_logprobs = engine.compute_logprobs(DATA[start:end], disable_adapter=True)
@@ -192,12 +192,14 @@ def case_misuse(ctx, arch):
             found[label] = ""
         except (ArealError, ValueError) as exc:
             found[label] = f"{type(exc).__name__}: {exc}"
-    plugin.areal_inject_adapter(backend="megatron", engine=engine, actor=engine.actor)
+    plugin.areal_inject_adapter(backend="megatron", engine=engine, actor=engine.actor, adapter_name=None)
     plugin.areal_shard_model(backend="megatron", engine=engine, actor=engine.actor)
     target = str(ctx["dir"] / "exists")
-    plugin.areal_export_adapter(backend="megatron", engine=engine, directory=target, version=0)
+    plugin.areal_export_adapter(backend="megatron", engine=engine, directory=target, version=0,
+                                adapter_name=None)
     try:
-        plugin.areal_export_adapter(backend="megatron", engine=engine, directory=target, version=1)
+        plugin.areal_export_adapter(backend="megatron", engine=engine, directory=target, version=1,
+                                    adapter_name=None)
         found["export_twice"] = ""
     except ArealError as exc:
         found["export_twice"] = str(exc)
@@ -205,8 +207,14 @@ def case_misuse(ctx, arch):
     return found
 
 
+def case_multi_adapter(ctx):
+    from megatron_multi_adapter_cases import case_multi_adapter as run
+
+    return run(ctx)
+
+
 CASES = {"conversion": case_conversion, "train_export": case_train_export,
-         "checkpoint": case_checkpoint, "misuse": case_misuse}
+         "checkpoint": case_checkpoint, "misuse": case_misuse, "multi_adapter": case_multi_adapter}
 
 
 def main(plan_path: str) -> int:

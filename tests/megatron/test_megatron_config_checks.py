@@ -50,14 +50,16 @@ def test_hooks_answer_only_for_megatron(tiny_qwen2):
     config = run_config(tiny_qwen2)
     assert plugin.areal_build_engine(backend="fsdp2", config=config) is None
     assert plugin.areal_validate_config(backend="vllm", config=config) is None
-    assert plugin.areal_inject_adapter(backend="fsdp2", engine=None, actor=config.actor) is None
+    assert plugin.areal_inject_adapter(backend="fsdp2", engine=None, actor=config.actor,
+                                       adapter_name=None) is None
     assert plugin.areal_shard_model(backend="fsdp2", engine=None, actor=config.actor) is None
-    assert plugin.areal_export_adapter(backend="fsdp2", engine=None, directory="x", version=0) is None
+    assert plugin.areal_export_adapter(backend="fsdp2", engine=None, directory="x", version=0,
+                                       adapter_name=None) is None
 
 
 def test_hooks_refuse_an_engine_they_did_not_build(tiny_qwen2):
     with pytest.raises(TypeError, match="not the engine it built"):
-        plugin.areal_inject_adapter(backend="megatron", engine=object(), actor=ActorConfig())
+        plugin.areal_inject_adapter(backend="megatron", engine=object(), actor=ActorConfig(), adapter_name=None)
 
 
 def test_a_good_configuration_has_no_problems(tiny_qwen2, tiny_llama):

@@ -6,6 +6,11 @@ A checkpoint is a directory::
     tp<R>.pt      for each tensor-parallel rank R: its adapter shards, its optimizer state and
                   its RNG states (CPU, CUDA, megatron-core's tracker)
 
+That is a run's only adapter (a run without ``adapters:``). A run with ``adapters:`` lists them:
+``meta.json`` has ``adapters``, each one's name, LoRA rank/alpha/targets and own steps (in
+place of the top-level LoRA settings), and ``tp<R>.pt`` has ``adapters``, each one's shards
+and optimizer state by name (in place of ``adapter`` and ``optimizer``).
+
 Data-parallel replicas are identical, so only data-parallel rank 0 of each TP rank writes. The
 directory appears under its final name only when complete (staging sibling, then rename); an
 existing checkpoint of the same name is replaced only after the new one is complete. Files are
@@ -51,18 +56,43 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
+def _lora_settings(slot) -> dict:
+    return {"lora_rank": slot.actor.lora_rank, "lora_alpha": slot.actor.lora_alpha,
+            "target_modules": slot.target_modules}
+
+
+def _lists_adapters(engine) -> bool:
+    """Whether the checkpoint lists its adapters (any engine but a run's only, legacy adapter)."""
+    slots = list(engine.adapters.values())
+    return not (len(slots) == 1 and slots[0].legacy)
+
+
 def _meta(engine) -> dict:
-    actor = engine.actor
-    return {
+    meta = {
         "format": FORMAT,
         "tensor_parallel_size": engine.layout.tp_size,
         "data_parallel_size": engine.layout.dp_size,
         "architecture": engine.spec.architecture,
-        "lora_rank": actor.lora_rank,
-        "lora_alpha": actor.lora_alpha,
-        "target_modules": sorted({m for p in engine.placements for m in p.hf_modules}),
         "steps": engine.steps,
     }
+    if _lists_adapters(engine):
+        meta["adapters"] = [{"name": slot.name, **_lora_settings(slot), "steps": slot.steps}
+                            for slot in engine.adapters.values()]
+    else:
+        meta.update(_lora_settings(next(iter(engine.adapters.values()))))
+    return meta
+
+
+def _tensors(slot) -> dict:
+    return {"adapter": {n: p.detach().to("cpu") for n, p in slot.parameters.items()},
+            "optimizer": slot.optimizer.state_dict()}
+
+
+def _payload(engine) -> dict:
+    if _lists_adapters(engine):
+        return {"adapters": {slot.name: _tensors(slot) for slot in engine.adapters.values()},
+                "rng": _rng_state()}
+    return {**_tensors(next(iter(engine.adapters.values()))), "rng": _rng_state()}
 
 
 def _all_ok(ok: bool, engine) -> bool:
@@ -107,12 +137,7 @@ def save(engine, directory: str | os.PathLike) -> None:
     error = ""
     if engine.layout.dp_rank == 0:
         try:
-            payload = {
-                "adapter": {n: p.detach().to("cpu") for n, p in engine.model.named_parameters()
-                            if p.requires_grad},
-                "optimizer": engine.optimizer.state_dict(),
-                "rng": _rng_state(),
-            }
+            payload = _payload(engine)
             path = staging / _shard_file(engine.layout.tp_rank)
             torch.save(payload, path)
             _fsync(path)
@@ -151,26 +176,56 @@ def load(engine, directory: str | os.PathLike) -> None:
     if meta.get("format") != FORMAT:
         raise ArealError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
     expected = _meta(engine)
-    for key in ("tensor_parallel_size", "architecture", "lora_rank", "lora_alpha", "target_modules"):
-        if meta.get(key) != expected[key]:
-            raise ArealError(
-                f"{path}: the checkpoint has {key}={meta.get(key)!r} but this run has "
-                f"{expected[key]!r}; resume with the settings it was saved with"
-            )
+    _refuse_other_settings(path, meta, expected)
     payload = torch.load(path / _shard_file(engine.layout.tp_rank), map_location="cpu", weights_only=True)
-    params = {n: p for n, p in engine.model.named_parameters() if p.requires_grad}
-    saved = payload["adapter"]
-    if set(saved) != set(params):
-        raise ArealError(f"{path}: the saved adapter's parameters differ from this model's "
-                         f"({sorted(set(saved) ^ set(params))[:4]})")
-    with torch.no_grad():
-        for name, param in params.items():
-            if saved[name].shape != param.shape:
-                raise ArealError(f"{path}: {name} has shape {tuple(saved[name].shape)}, the model "
-                                 f"{tuple(param.shape)}")
-            param.copy_(saved[name])
-    engine.optimizer.load_state_dict(payload["optimizer"])
+    if _lists_adapters(engine):
+        for slot in engine.adapters.values():
+            _restore(path, slot, payload["adapters"][slot.name])
+        steps = {entry["name"]: int(entry["steps"]) for entry in meta["adapters"]}
+        for slot in engine.adapters.values():
+            slot.steps = steps[slot.name]
+    else:
+        slot = next(iter(engine.adapters.values()))
+        _restore(path, slot, payload)
+        slot.steps = int(meta.get("steps", 0))
     _set_rng_state(payload["rng"])
     engine.steps = int(meta.get("steps", 0))
     if engine.world_size > 1:
         dist.barrier()
+
+
+def _refuse_other_settings(path: Path, meta: dict, expected: dict) -> None:
+    """Raise ArealError when the checkpoint was saved with other settings than this run's."""
+    if ("adapters" in meta) != ("adapters" in expected):
+        saved, ours = (("lists adapters", "has one adapter without adapters:") if "adapters" in meta
+                       else ("holds a run's only adapter (no adapters:)", "lists adapters"))
+        raise ArealError(f"{path}: the checkpoint {saved} but this run {ours}; resume with the "
+                         f"configuration it was saved with")
+    keys = ["tensor_parallel_size", "architecture"]
+    keys += ["adapters"] if "adapters" in expected else ["lora_rank", "lora_alpha", "target_modules"]
+    for key in keys:
+        found, wanted = meta.get(key), expected[key]
+        if key == "adapters":  # the steps are restored, not matched
+            found = [{k: v for k, v in entry.items() if k != "steps"} for entry in found or []]
+            wanted = [{k: v for k, v in entry.items() if k != "steps"} for entry in wanted]
+        if found != wanted:
+            raise ArealError(
+                f"{path}: the checkpoint has {key}={found!r} but this run has "
+                f"{wanted!r}; resume with the settings it was saved with"
+            )
+
+
+def _restore(path: Path, slot, saved: dict) -> None:
+    """Copy one adapter's saved shards and optimizer state into ``slot``."""
+    params = slot.parameters
+    tensors = saved["adapter"]
+    if set(tensors) != set(params):
+        raise ArealError(f"{path}: the saved adapter {slot.name!r}'s parameters differ from this model's "
+                         f"({sorted(set(tensors) ^ set(params))[:4]})")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise ArealError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                                 f"{tuple(param.shape)}")
+            param.copy_(tensors[name])
+    slot.optimizer.load_state_dict(saved["optimizer"])

@@ -9,6 +9,13 @@ sequences; the group runs them together and each rank gets back (or computes its
 Every collective inside a micro-batch is within the TP group, whose ranks share one micro-batch
 schedule by construction; the data-parallel gradient reduction runs once per step on every rank,
 even a rank that brought no sequences, so no collective can be left waiting.
+
+Several adapters on one frozen base (``adapters:``): each is its own ``AdapterSlot`` with its own
+parameters (rank, alpha and target modules may differ), AdamW, learning-rate schedule position
+(its own step count) and gradient clipping, all split over TP like the base weights. A call
+names its adapter (``adapter=``) and the forward is routed through that one only
+(``lora.route``), so only its parameters get a gradient. One adapter per ``train_step``, as in
+the fsdp2 engine; ``steps`` counts the calls of all adapters together.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from areal_core.interfaces import ExportedAdapter, LossFn
 from areal_core.lr_schedule import learning_rate, total_optimizer_steps
 from areal_core.microbatching import plan_microbatches
 from areal_megatron import batching, checkpoint, cpu_mode, lora, model_builder, peft_export
+from areal_megatron.adapter_slot import AdapterSlot
 from areal_megatron.distributed import gather_tp_objects, init_parallel, release, resolve_device
 from areal_megatron.models import load_spec, state_dict_adapter
 from areal_megatron.validation import layout_problems
@@ -62,10 +70,9 @@ class MegatronEngine:
         self.device = device
         self.targets = state_dict_adapter(self.spec).linear_targets()
         self.model = None
-        self.placements: list[lora.Placement] = []
-        self.trainable: list[torch.nn.Parameter] = []
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.steps = 0
+        self.adapters: dict[str, AdapterSlot] = {}  # in the order injected
+        self.trains = False  # setup_training has built every adapter's optimizer
+        self.steps = 0  # train_step calls completed, all adapters together
 
     # --- model ----------------------------------------------------------------------------
 
@@ -79,45 +86,99 @@ class MegatronEngine:
         self.model = model.to(self.device)
         self._redirect()
 
-    def inject_lora(self, actor=None) -> None:
-        """Step 1: wrap the target linear layers with LoRA, the same initial adapter on every rank.
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer of the only adapter (None before setup or with several adapters)."""
+        return next(iter(self.adapters.values())).optimizer if len(self.adapters) == 1 else None
+
+    def inject_lora(self, actor=None, adapter_name: str | None = None) -> None:
+        """Step 1: wrap the target linear layers with LoRA adapter ``adapter_name``, the same
+        initial adapter on every rank. Called once per adapter; None names the run's only adapter
+        (``gconfig.lora_name``).
 
         ``actor`` (default: the config's) gives rank, alpha, target modules and peft type.
         """
         self._require_model()
-        actor = self.actor = actor if actor is not None else self.actor
+        actor = actor if actor is not None else self.actor
+        position = len(self.adapters)
+        if self.trains:
+            raise AdapterError("the optimizers are built already: inject every adapter "
+                               "(areal_inject_adapter) before areal_shard_model")
+        if adapter_name is None:
+            if position:
+                raise AdapterError(f"a second adapter needs a name (adapter_name); the engine holds "
+                                   f"{list(self.adapters)}")
+            adapter_name = self.config.gconfig.lora_name
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise AdapterError(f"adapter_name must be a non-empty string, not {adapter_name!r}")
+        if adapter_name in self.adapters:
+            raise AdapterError(f"adapter {adapter_name!r} is injected already; each adapter is injected once")
         if actor.peft_type.lower() != "lora":
             raise AdapterError(f"peft_type {actor.peft_type!r} is not supported; the megatron engine trains LoRA")
-        self.placements = lora.resolve_targets(actor.resolved_target_modules, self.targets)
-        lora.inject(self.model, self.spec, self.placements, actor.lora_rank, actor.lora_alpha,
-                    self.layout.tp_size)
-        lora.init_lora_weights(self.model, self.config.train.seed, self.layout.tp_rank, self.layout.tp_size)
+        placements = lora.resolve_targets(actor.resolved_target_modules, self.targets)
+        slot = AdapterSlot(adapter_name, position, actor, placements,
+                           legacy=position == 0 and not self.config.adapters)
+        slot.parameters = lora.inject(self.model, self.spec, placements, actor.lora_rank, actor.lora_alpha,
+                                      self.layout.tp_size, slot.key)
+        seed = lora.adapter_seed(self.config.train.seed, position)
+        lora.init_lora_weights(slot.parameters, seed, self.layout.tp_rank, self.layout.tp_size)
         self.model.to(self.device)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        slot.parameters = lora.adapter_parameters(self.model, slot.key)  # as moved to the device
+        self.adapters[adapter_name] = slot
+        if position == 0:
+            self.actor = actor
+            lora.route(self.model, slot.key)
         self._redirect()
 
     def setup_training(self, actor=None) -> None:
-        """Step 2: tensor parallelism is built into the layers; add the optimizer over the adapter.
+        """Step 2: tensor parallelism is built into the layers; add one AdamW per adapter.
 
         Data parallelism is the gradient all-reduce in ``train_step``. ``actor`` (default: the
-        config's) gives the optimizer settings.
+        config's; the first adapter's) gives the engine's settings, and the optimizer of a run's
+        only adapter; each of several adapters has the optimizer of the ``actor`` it was injected with.
         """
         self._require_model()
-        if not self.trainable:
+        if not self.adapters:
             raise AdapterError("no trainable parameters: inject the adapter (areal_inject_adapter) first")
-        opt = (actor if actor is not None else self.actor).optimizer
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                           weight_decay=opt.weight_decay)
+        if actor is not None:
+            self.actor = actor
+            if len(self.adapters) == 1:
+                next(iter(self.adapters.values())).actor = actor
+        for slot in self.adapters.values():
+            slot.build_optimizer()
+        self.trains = True
+
+    def slot(self, adapter: str | None) -> AdapterSlot:
+        """The adapter named ``adapter``; None: the only one (an error when there are several)."""
+        if adapter is None:
+            if len(self.adapters) != 1:
+                raise AdapterError(f"the megatron engine holds {len(self.adapters)} adapters "
+                                   f"{list(self.adapters)}: name the one meant with adapter=")
+            return next(iter(self.adapters.values()))
+        if adapter not in self.adapters:
+            raise AdapterError(f"no adapter {adapter!r} in the megatron engine; it holds {list(self.adapters)}")
+        return self.adapters[adapter]
+
+    def _adapter_context(self, disable_adapter: bool, adapter: str | None):
+        """Route the forward through ``adapter`` (or through none: the base model)."""
+        if disable_adapter:
+            if adapter is not None:
+                self.slot(adapter)  # a misspelt name is still an error
+            return lora.adapters_disabled(self.model)
+        if self.adapters or adapter is not None:  # a model without adapters is its base
+            lora.route(self.model, self.slot(adapter).key)
+        return nullcontext()
 
     # --- the training calls -----------------------------------------------------------------
 
-    def compute_logprobs(self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
-                         ) -> list[torch.Tensor]:
-        """Per-token log-probabilities, one float32 CPU tensor of ``len(seq) - 1`` per sequence."""
+    def compute_logprobs(self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False,
+                         adapter: str | None = None) -> list[torch.Tensor]:
+        """Per-token log-probabilities, one float32 CPU tensor of ``len(seq) - 1`` per sequence,
+        under ``adapter`` (None: the only adapter; with several, an error)."""
         self._require_model()
+        bypass = self._adapter_context(disable_adapter, adapter)
         union, start, end = self._tp_union(sequences)
         out: list[torch.Tensor] = []
-        bypass = lora.adapters_disabled(self.model) if disable_adapter else nullcontext()
         with torch.no_grad(), bypass:
             for group in self._microbatches(union):
                 batch = [union[i] for i in group]
@@ -125,13 +186,13 @@ class MegatronEngine:
                 out.extend(lp.to("cpu") for lp in batching.token_logprobs(logits, batch, self.spec.vocab_size))
         return out[start:end]
 
-    def forward_logits(self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False
-                       ) -> list[torch.Tensor]:
+    def forward_logits(self, sequences: Sequence[Sequence[int]], *, disable_adapter: bool = False,
+                       adapter: str | None = None) -> list[torch.Tensor]:
         """Full-vocabulary logits ``[len(seq), vocab]`` per sequence (float32, CPU); for checks."""
         self._require_model()
+        bypass = self._adapter_context(disable_adapter, adapter)
         union, start, end = self._tp_union(sequences)
         out = []
-        bypass = lora.adapters_disabled(self.model) if disable_adapter else nullcontext()
         with torch.no_grad(), bypass:
             for group in self._microbatches(union):
                 batch = [union[i] for i in group]
@@ -140,11 +201,20 @@ class MegatronEngine:
                            for row, s in enumerate(batch))
         return out[start:end]
 
-    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on the sum of every rank's losses (see the module docstring)."""
+    def train_step(self, sequences: Sequence[Sequence[int]], loss_fn: LossFn,
+                   adapter: str | None = None) -> dict[str, float]:
+        """One optimizer step of ``adapter`` (None: the only adapter; with several, an error) on
+        the sum of every rank's losses (see the module docstring).
+
+        Only that adapter's parameters get a gradient; they are clipped on their own (its
+        ``grad_clip``) and stepped by its AdamW at the rate of its own k-th step.
+        """
         self._require_optimizer()
+        slot = self.slot(adapter)
+        lora.route(self.model, slot.key)
+        params = list(slot.parameters.values())
         union, start, end = self._tp_union(sequences)
-        for param in self.trainable:
+        for param in params:
             param.grad = None
         metrics: dict[str, float] = {}
         loss_total = 0.0
@@ -170,37 +240,40 @@ class MegatronEngine:
                 upstream.update(part)
             grads = [upstream[u].to(logprobs[k].device) for k, u in enumerate(group)]
             torch.autograd.backward(logprobs, grads)
-        grad_norm = self._reduce_and_clip()
-        rate = learning_rate(self.actor.optimizer, self.steps, total_optimizer_steps(self.config))
-        for param_group in self.optimizer.param_groups:
+        grad_norm = self._reduce_and_clip(params, slot.actor.optimizer.grad_clip)
+        rate = learning_rate(slot.actor.optimizer, slot.steps, total_optimizer_steps(self.config))
+        for param_group in slot.optimizer.param_groups:
             param_group["lr"] = rate
-        self.optimizer.step()
-        for param in self.trainable:
+        slot.optimizer.step()
+        for param in params:
             param.grad = None
+        slot.steps += 1
         self.steps += 1
         result = {"loss": loss_total, **metrics}
-        result.update(grad_norm=grad_norm, lr=float(self.optimizer.param_groups[0]["lr"]),
+        result.update(grad_norm=grad_norm, lr=float(slot.optimizer.param_groups[0]["lr"]),
                       num_microbatches=float(len(groups)))
         return result
 
     # --- export and checkpoints -------------------------------------------------------------
 
-    def export_adapter(self, directory: str, version: int) -> ExportedAdapter:
-        """Step 3: gather the adapter over TP, convert to PEFT naming; rank 0 writes it atomically.
+    def export_adapter(self, directory: str, version: int, adapter_name: str | None = None) -> ExportedAdapter:
+        """Step 3: gather adapter ``adapter_name`` (None: the only one) over TP, convert to PEFT
+        naming; rank 0 writes it atomically, with that adapter's rank and alpha.
 
         Every rank returns rank 0's ExportedAdapter; a failure on rank 0 is raised on every rank.
         """
         self._require_model()
-        if not self.placements:
+        if not self.adapters:
             raise AdapterError("the model carries no adapter to export: inject it first")
+        slot = self.slot(adapter_name)
         start = time.perf_counter()
-        whole = peft_export.gather_adapter(self.model, self.layout)
+        whole = peft_export.gather_adapter(self.model, self.layout, slot.key)
         payload: list = [None]
         if self.rank == 0:
             try:
                 tensors = peft_export.to_peft(whole, self.spec, self.targets)
-                exported = write_peft_adapter(directory, tensors, rank=self.actor.lora_rank,
-                                              alpha=self.actor.lora_alpha, version=version,
+                exported = write_peft_adapter(directory, tensors, rank=slot.actor.lora_rank,
+                                              alpha=slot.actor.lora_alpha, version=version,
                                               base_model_path=self.actor.path)
                 payload[0] = attrs.evolve(exported, seconds=time.perf_counter() - start)
             except Exception as exc:  # every rank must learn of it, or they would wait forever
@@ -212,7 +285,8 @@ class MegatronEngine:
         return payload[0]
 
     def save_checkpoint(self, directory: str) -> None:
-        """Adapter shards, optimizer state and RNG state, written atomically (see ``checkpoint``)."""
+        """Every adapter's shards, optimizer state and step count, and the RNG state, written
+        atomically (see ``checkpoint``)."""
         self._require_optimizer()
         checkpoint.save(self, directory)
 
@@ -232,8 +306,8 @@ class MegatronEngine:
     def close(self) -> None:
         """Drop the model and optimizer; release the process groups this engine created."""
         self.model = None
-        self.optimizer = None
-        self.trainable = []
+        self.adapters = {}
+        self.trains = False
         release(self.layout)
 
     # --- internals ----------------------------------------------------------------------------
@@ -248,7 +322,7 @@ class MegatronEngine:
 
     def _require_optimizer(self) -> None:
         self._require_model()
-        if self.optimizer is None:
+        if not self.trains:
             raise ArealError("the engine has no optimizer yet: run areal_inject_adapter and "
                              "areal_shard_model first")
 
@@ -266,10 +340,11 @@ class MegatronEngine:
         ids, positions, mask = batching.model_inputs(batch, self.device)
         return self.model(input_ids=ids, position_ids=positions, attention_mask=mask)
 
-    def _reduce_and_clip(self) -> float:
-        """Sum gradients over data-parallel replicas, then clip by the global norm (collectives on every rank)."""
+    def _reduce_and_clip(self, params: list[torch.nn.Parameter], clip: float) -> float:
+        """Sum ``params``' gradients over data-parallel replicas, then clip them by their global
+        norm (collectives on every rank)."""
         grads = []
-        for param in self.trainable:
+        for param in params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
@@ -285,7 +360,6 @@ class MegatronEngine:
         if self.layout.tp_size > 1:
             dist.all_reduce(squares, group=self.layout.tp_group)
         norm = math.sqrt(float(squares))
-        clip = self.actor.optimizer.grad_clip
         if clip > 0 and math.isfinite(norm):
             coef = clip / (norm + 1e-6)
             if coef < 1.0:

@@ -16,11 +16,19 @@ One adapter covers the whole fused ``linear_qkv`` (q, k and v share A) and the w
 ``[q_proj, v_proj]``) cannot be expressed by one shared A, so those get separate per-projection
 adapters (``adapter_q``, ``adapter_v``: own A and B each, their outputs placed into the fused
 layout), which export exactly to PEFT's per-projection adapters.
+
+Several adapters on one frozen base: each adapted layer holds every adapter that targets it under
+``<layer>.lora.<key>`` (``key``: the adapter's position in the run, ``"0"`` for the first), each
+with its own rank, alpha and placement. Within an adapter its parameters keep megatron-bridge's
+names (``local_name`` drops ``lora.<key>``), the names its export, checkpoint and tensor-parallel
+split rules read. Every adapter's parameters stay trainable; ``route`` picks the one adapter a
+forward runs through, so only its parameters can get a gradient.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 
 import attrs
@@ -115,41 +123,72 @@ class LoRAAdapter(torch.nn.Module):
         return out * self.scale
 
 
-class LoRALinear(torch.nn.Module):
-    """A megatron-core linear layer plus its adapter(s); same call and return as the layer."""
+class LayerAdapter(torch.nn.Module):
+    """One adapter on one linear layer: ``adapter``, or one ``adapter_<part>`` per projection."""
 
-    def __init__(self, to_wrap, placement: Placement, part_sizes: dict[str, int], local_groups: int):
+    def __init__(self, placement: Placement):
+        super().__init__()
+        self.placement = placement
+
+
+class LoRALinear(torch.nn.Module):
+    """A megatron-core linear layer plus the adapters on it; same call and return as the layer.
+
+    A forward adds the output of the adapter ``active`` names (nothing when it has none here).
+    """
+
+    def __init__(self, to_wrap, part_sizes: dict[str, int], local_groups: int):
         super().__init__()
         self.to_wrap = to_wrap
-        self.placement = placement
+        self.lora = torch.nn.ModuleDict()  # adapter key -> LayerAdapter
         self.part_sizes = part_sizes  # this rank's output width of each part (split adapters)
         self.local_groups = local_groups  # query groups on this rank (linear_qkv's interleaving)
+        self.active: str | None = None  # the key of the adapter forwards run through
         self.adapter_enabled = True
-
-    def adapters(self) -> dict[str, LoRAAdapter]:
-        return {name: m for name, m in self.named_children() if name.startswith("adapter")}
 
     def forward(self, x, *args, **kwargs):
         out, bias = self.to_wrap(x, *args, **kwargs)
-        if not self.adapter_enabled:
+        if not self.adapter_enabled or self.active not in self.lora:
             return out, bias
-        if not self.placement.parts:
-            return out + self.adapter(x), bias
-        return out + self._split_delta(x, out), bias
+        layer_adapter = self.lora[self.active]
+        if not layer_adapter.placement.parts:
+            return out + layer_adapter.adapter(x), bias
+        return out + self._split_delta(layer_adapter, x, out), bias
 
-    def _split_delta(self, x, out):
+    def _split_delta(self, layer_adapter, x, out):
         """Per-projection adapters' outputs, placed at their rows of the fused local output."""
-        kind = self.placement.target.kind
+        placement = layer_adapter.placement
+        kind = placement.target.kind
         pieces = []
         for part in PARTS[kind]:
-            if part in self.placement.parts:
-                pieces.append(getattr(self, f"adapter_{part}")(x))
+            if part in placement.parts:
+                pieces.append(getattr(layer_adapter, f"adapter_{part}")(x))
             else:
                 pieces.append(out.new_zeros((*out.shape[:-1], self.part_sizes[part])))
         if kind == GATE_UP:
             return torch.cat(pieces, dim=-1)
         moved = [p.movedim(-1, 0) for p in pieces]
         return fused_layout.fuse_qkv(*moved, num_groups=self.local_groups).movedim(0, -1)
+
+
+_ADAPTER_KEY = re.compile(r"\.lora\.(?P<key>[^.]+)\.")
+
+
+def adapter_key_of(name: str) -> str | None:
+    """The key of the adapter a model parameter belongs to (None for a base weight)."""
+    match = _ADAPTER_KEY.search(name)
+    return match["key"] if match else None
+
+
+def local_name(name: str) -> str:
+    """A model parameter's name within its adapter, in megatron-bridge's naming
+    (``...linear_qkv.lora.1.adapter.linear_in.weight`` -> ``...linear_qkv.adapter.linear_in.weight``)."""
+    return _ADAPTER_KEY.sub(".", name, count=1)
+
+
+def adapter_parameters(model, key: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of adapter ``key`` by their local names, in the model's order."""
+    return {local_name(name): param for name, param in model.named_parameters() if adapter_key_of(name) == key}
 
 
 def _fused_part_sizes(target: LinearTarget, spec) -> dict[str, int]:
@@ -180,58 +219,58 @@ def _get_submodule(root, path: str):
     return module
 
 
-def inject(model, spec, placements: list[Placement], rank: int, alpha: float, tp_size: int) -> list[str]:
-    """Wrap the placed linear layers of every decoder layer; freeze everything else.
+def inject(model, spec, placements: list[Placement], rank: int, alpha: float, tp_size: int, key: str
+           ) -> dict[str, torch.nn.Parameter]:
+    """Add adapter ``key`` to the placed linear layers of every decoder layer (wrapping a layer
+    no adapter has yet); freeze everything but the adapters.
 
-    Returns the names of the trainable (adapter) parameters. Adapter weights are left
-    uninitialised: call ``init_lora_weights``.
+    Returns the new adapter's parameters by local name. Its weights are left uninitialised: call
+    ``init_lora_weights``.
     """
     if rank % tp_size:
         raise AdapterError(f"lora_rank={rank} must be a multiple of tensor_parallel_size={tp_size}: "
                            f"A of a column-parallel layer is split along the rank")
-    for param in model.parameters():
-        param.requires_grad_(False)
     scale = alpha / rank
     config = model.config
-    for index, layer in enumerate(model.decoder.layers):
+    for layer in model.decoder.layers:
         for placement in placements:
             target = placement.target
             parent_path, _, attr = target.path.rpartition(".")
             parent = _get_submodule(layer, parent_path)
-            base = getattr(parent, attr)
-            if isinstance(base, LoRALinear):
-                raise AdapterError("the model already carries LoRA adapters; inject once")
+            wrapper = getattr(parent, attr)
+            if not isinstance(wrapper, LoRALinear):
+                sizes = _fused_part_sizes(target, spec)
+                wrapper = LoRALinear(wrapper, {p: s // tp_size for p, s in sizes.items()},
+                                     spec.num_kv_heads // tp_size)
+                setattr(parent, attr, wrapper)
+            if key in wrapper.lora:
+                raise AdapterError(f"the model already carries adapter {key!r}; inject each adapter once")
             in_f, out_f, row_parallel = _layer_dims(target, spec)
-            sizes = _fused_part_sizes(target, spec)
-            local_sizes = {p: s // tp_size for p, s in sizes.items()}
-            wrapper = LoRALinear(base, placement, local_sizes, spec.num_kv_heads // tp_size)
+            layer_adapter = LayerAdapter(placement)
             if not placement.parts:
-                wrapper.adapter = LoRAAdapter(in_f, out_f, rank, scale,
-                                              base_is_row_parallel=row_parallel, config=config)
+                layer_adapter.adapter = LoRAAdapter(in_f, out_f, rank, scale,
+                                                    base_is_row_parallel=row_parallel, config=config)
             else:
+                sizes = _fused_part_sizes(target, spec)
                 for part in placement.parts:
-                    setattr(wrapper, f"adapter_{part}",
+                    setattr(layer_adapter, f"adapter_{part}",
                             LoRAAdapter(in_f, sizes[part], rank, scale, base_is_row_parallel=False,
                                         config=config))
-            setattr(parent, attr, wrapper)
-    names = []
+            wrapper.lora[key] = layer_adapter
     for name, param in model.named_parameters():
-        param.requires_grad_(".adapter" in name)
-        if param.requires_grad:
-            names.append(name)
-    return names
+        param.requires_grad_(adapter_key_of(name) is not None)
+    return adapter_parameters(model, key)
 
 
-def init_lora_weights(model, seed: int, tp_rank: int, tp_size: int) -> None:
+def init_lora_weights(parameters: dict[str, torch.nn.Parameter], seed: int, tp_rank: int, tp_size: int) -> None:
     """A as PEFT initialises it (Kaiming-uniform), B zero, drawn whole from ``seed`` and cut per rank.
 
-    Drawing the whole-model tensor makes the initial adapter the same for every TP/DP layout.
+    ``parameters``: one adapter's, by local name. Drawing the whole-model tensor makes the
+    initial adapter the same for every TP/DP layout.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".adapter" not in name:
-                continue
+        for name, param in parameters.items():
             rule = tensor_parallel.partition_rule(name)
             shape = list(param.shape)
             shape[1 if rule == tensor_parallel.ROW else 0] *= tp_size
@@ -244,8 +283,20 @@ def init_lora_weights(model, seed: int, tp_rank: int, tp_size: int) -> None:
             param.copy_(tensor_parallel.shard(name, whole, tp_rank, tp_size).to(param.dtype))
 
 
+def adapter_seed(seed: int, position: int) -> int:
+    """The initialisation seed of the adapter at ``position``: ``seed`` itself for the first, so
+    the first of several adapters starts where a run's only adapter starts."""
+    return seed if position == 0 else seed + 1_000_003 * position
+
+
 def lora_modules(model) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def route(model, key: str) -> None:
+    """Make every forward of ``model`` run through adapter ``key`` only (``requires_grad`` untouched)."""
+    for module in lora_modules(model):
+        module.active = key
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 ``linear_in`` becomes ``lora_A`` and ``linear_out`` ``lora_B``. One adapter on a fused layer
 becomes one adapter per HF projection: every projection gets the same A; B is cut into the
 projections' rows (linear_qkv: per query group, q/k/v de-interleaved GQA-aware; linear_fc1: the
-gate and up halves). Per-projection adapters (``adapter_q``...) map one to one.
+gate and up halves). Per-projection adapters (``adapter_q``...) map one to one. With several
+adapters on the model, each is gathered and converted on its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from areal_core.adapter_format import peft_key
 from areal_megatron import tensor_parallel
 from areal_megatron.distributed import ParallelLayout, gather_tp
-from areal_megatron.lora import PARTS
+from areal_megatron.lora import PARTS, adapter_parameters
 from areal_megatron.models import DecoderSpec, fused_layout
 from areal_megatron.models.state_dict_adapter import GATE_UP, QKV, LinearTarget
 
@@ -25,14 +26,13 @@ _NAME = re.compile(
 )
 
 
-def gather_adapter(model, layout: ParallelLayout) -> dict[str, torch.Tensor]:
-    """The whole-model adapter in megatron layout (CPU), on every rank. Collective over TP."""
+def gather_adapter(model, layout: ParallelLayout, key: str = "0") -> dict[str, torch.Tensor]:
+    """The whole-model adapter ``key`` (default: the first) in megatron layout (CPU), by local
+    name, on every rank. Collective over TP."""
     whole = {}
-    for name, param in model.named_parameters():
-        if ".adapter" not in name:
-            continue
+    for name, param in adapter_parameters(model, key).items():
         shards = [s.detach().to("cpu", copy=True) for s in gather_tp(param.detach(), layout)]
-        whole[name.replace(".to_wrap.", ".")] = tensor_parallel.unshard(name, shards)
+        whole[name] = tensor_parallel.unshard(name, shards)
     return whole
 
 

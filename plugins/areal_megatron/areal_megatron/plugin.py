@@ -1,6 +1,10 @@
 """Entry point of the areal-megatron plugin: the ``megatron`` training engine.
 
 Kept light: declaring imports no torch or megatron-core; the hooks import the engine when called.
+
+It declares ``multi_adapter``: several adapters train on one frozen base, each injected by its own
+``areal_inject_adapter`` call and exported by name (``adapter_name``; None for a run's only
+adapter), each split over tensor parallelism like the base weights.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ def areal_declare_backends():
             kind="engine",
             version=__version__,
             description="megatron-core engine: LoRA on tensor-parallel layers (TP x DP, no pipeline yet), "
-                        "dense Llama/Qwen2",
+                        "dense Llama/Qwen2, several adapters on one base",
             lora=LoraSupport(
                 status=LoraStatus.READY,
                 peft_types=("lora",),
                 moe=False,
                 transports=(PEFT_DIRECTORY,),
                 target_module_syntax="names",
+                multi_adapter=True,
             ),
         )
     ]
@@ -60,10 +65,10 @@ def areal_validate_config(backend, config):
 
 
 @hookimpl
-def areal_inject_adapter(backend, engine, actor):
+def areal_inject_adapter(backend, engine, actor, adapter_name):
     if backend != NAME:
         return None
-    _engine(engine).inject_lora(actor)
+    _engine(engine).inject_lora(actor, adapter_name)
     return engine
 
 
@@ -76,7 +81,7 @@ def areal_shard_model(backend, engine, actor):
 
 
 @hookimpl
-def areal_export_adapter(backend, engine, directory, version):
+def areal_export_adapter(backend, engine, directory, version, adapter_name):
     if backend != NAME:
         return None
-    return _engine(engine).export_adapter(directory, version)
+    return _engine(engine).export_adapter(directory, version, adapter_name)

@@ -52,9 +52,35 @@ def check_config(config: RunConfig) -> list[ConfigError]:
         return errors + [ConfigError("actor.path", actor.path, str(exc),
                                      "use a dense Llama or Qwen2 model, or another engine (actor.backend=fsdp2)")]
     errors += [ConfigError(*p) for p in layout_problems(spec, actor)]
+    targets = state_dict_adapter(spec).linear_targets()
     try:
-        resolve_targets(actor.resolved_target_modules, state_dict_adapter(spec).linear_targets())
+        resolve_targets(actor.resolved_target_modules, targets)
     except AdapterError as exc:
         errors.append(ConfigError("actor.target_modules", actor.target_modules, str(exc),
                                   "use [all-linear] or names such as q_proj, v_proj"))
+    return errors + adapter_problems(config, spec, targets)
+
+
+def adapter_problems(config: RunConfig, spec, targets) -> list[ConfigError]:
+    """Each ``adapters:`` entry's rank and target modules, under ``adapters.<name>.<key>``."""
+    from areal_core.adapters import adapter_run_config
+    from areal_core.validation import entry_label
+
+    from areal_megatron.lora import resolve_targets
+
+    errors: list[ConfigError] = []
+    tp = config.actor.tensor_parallel_size
+    for index, adapter in enumerate(config.adapters):
+        label = entry_label(config, index)
+        if tp >= 1 and adapter.lora_rank % tp:
+            errors.append(ConfigError(f"{label}.lora_rank", adapter.lora_rank,
+                                      f"LoRA's A on linear_qkv/linear_fc1 is split along the rank over "
+                                      f"tensor_parallel_size={tp} ranks",
+                                      f"use a lora_rank that is a multiple of {tp}"))
+        actor = adapter_run_config(config, adapter).actor
+        try:
+            resolve_targets(actor.resolved_target_modules, targets)
+        except AdapterError as exc:
+            errors.append(ConfigError(f"{label}.target_modules", adapter.target_modules, str(exc),
+                                      "use [all-linear] or names such as q_proj, v_proj"))
     return errors
