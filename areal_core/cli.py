@@ -18,9 +18,11 @@ def _registry():
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    records = _registry().plugins()
+    registry = _registry()
+    records = registry.plugins()
     if args.json:
-        print(json.dumps({"plugins": [r.to_dict() for r in records]}, indent=2))
+        print(json.dumps({"plugins": [r.to_dict() for r in records],
+                          "backends": [d.to_dict() for d in registry.declarations()]}, indent=2))
         return 0
     if not records:
         print("no areal plugins installed (pip install 'areal-core[fsdp2,vllm]')")

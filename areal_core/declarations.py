@@ -78,6 +78,15 @@ class BackendDeclaration:
     lora: LoraSupport = LoraSupport()
     plugin: str = ""  # filled in by the registry: the entry point that declared it
 
+    def why_not_multi_adapter(self) -> str:
+        """Why this backend does not handle several adapters at once ("" when it declares
+        ``multi_adapter``); the matrix and ``areal check`` both say it in these words."""
+        if self.lora.multi_adapter:
+            return ""
+        does = ("train several adapters at once" if self.kind == ENGINE
+                else "serve several adapters' versions side by side")
+        return f"{self.kind} {self.name} does not {does} yet (its declaration has no multi_adapter)"
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -94,5 +103,6 @@ class BackendDeclaration:
                 "allowed_ranks": list(self.lora.allowed_ranks) if self.lora.allowed_ranks else None,
                 "transports": list(self.lora.transports),
                 "unservable_modules": list(self.lora.unservable_modules),
+                "multi_adapter": self.lora.multi_adapter,
             },
         }

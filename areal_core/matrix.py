@@ -2,7 +2,9 @@
 
 A cell (engine, server) is supported when both declare LoRA ready, they share a peft type, and
 the engine produces an adapter transport the server accepts. Otherwise the cell carries the
-reason, in words a user can act on.
+reason, in words a user can act on. A supported cell also says whether the pair trains several
+adapters on one base at once (``adapters:``): both sides declare ``multi_adapter``; when not,
+``multi_adapter_reason`` names the side that lacks it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ class Cell:
     server: str
     supported: bool
     reason: str = ""
+    multi_adapter: bool = False
+    multi_adapter_reason: str = ""
 
     def to_dict(self) -> dict:
         return {"engine": self.engine, "server": self.server,
-                "supported": self.supported, "reason": self.reason}
+                "supported": self.supported, "reason": self.reason,
+                "multi_adapter": self.multi_adapter, "multi_adapter_reason": self.multi_adapter_reason}
 
 
 def _backend_problem(decl: BackendDeclaration) -> str:
@@ -49,7 +54,19 @@ def judge_pair(engine: BackendDeclaration, server: BackendDeclaration) -> Cell:
                 f"engine {engine.name} exports adapters as {', '.join(engine.lora.transports)} "
                 f"but server {server.name} accepts {', '.join(server.lora.transports)}"
             )
-    return Cell(engine.name, server.name, not problems, "; ".join(problems))
+    reason = "; ".join(problems)
+    multi_reason = multi_adapter_problem(engine, server) if not problems else "the pair is not supported"
+    return Cell(engine.name, server.name, not problems, reason, not multi_reason, multi_reason)
+
+
+def multi_adapter_problem(engine: BackendDeclaration, server: BackendDeclaration) -> str:
+    """Why the pair does not train several adapters at once ("" when both declare
+    ``multi_adapter``); says nothing of whether the pair is supported at all."""
+    return "; ".join(p for p in (engine.why_not_multi_adapter(), server.why_not_multi_adapter()) if p)
+
+
+MULTI_ADAPTER_LEGEND = ("yes (multi): the pair also trains several adapters on one base at once "
+                        "(`adapters:`, docs/multi-adapter.md)")
 
 
 @attrs.frozen
@@ -67,7 +84,8 @@ class SupportMatrix:
             for kind, name, names in (("engine", engine, self.engines), ("server", server, self.servers))
             if name not in names
         ]
-        return Cell(engine, server, False, "; ".join(missing))
+        reason = "; ".join(missing)
+        return Cell(engine, server, False, reason, False, reason)
 
     def supports(self, engine: str, server: str) -> bool:
         return self.cell(engine, server).supported
@@ -83,7 +101,9 @@ class SupportMatrix:
         }
 
     def to_markdown(self) -> str:
-        """Rows engines, columns servers, as in the reference docs; reasons as footnotes."""
+        """Rows engines, columns servers, as in the reference docs; reasons as footnotes. A
+        supported cell reads "yes (multi)" when the pair trains several adapters at once, else
+        "yes [n]" with a footnote saying which side lacks it."""
         header = "| Engine | " + " | ".join(self.servers) + " |"
         rule = "|---|" + "---|" * len(self.servers)
         rows, notes = [header, rule], []
@@ -91,12 +111,18 @@ class SupportMatrix:
             marks = []
             for server in self.servers:
                 cell = self.cell(engine, server)
-                if cell.supported:
-                    marks.append("yes")
+                if cell.multi_adapter:
+                    marks.append("yes (multi)")
+                elif cell.supported:
+                    notes.append(f"one adapter at a time: {cell.multi_adapter_reason}")
+                    marks.append(f"yes [{len(notes)}]")
                 else:
                     notes.append(cell.reason)
                     marks.append(f"no [{len(notes)}]")
             rows.append(f"| {engine} | " + " | ".join(marks) + " |")
+        if any(cell.supported for cell in self.cells):
+            rows.append("")
+            rows.append(MULTI_ADAPTER_LEGEND)
         if notes:
             rows.append("")
             rows.extend(f"[{i}] {note}" for i, note in enumerate(notes, 1))

@@ -307,24 +307,21 @@ def check_multi_adapter(config: RunConfig, registry: Registry) -> list[ConfigErr
     if len(config.adapters) <= 1 or engine is None or server is None:
         return []
     names = [a.name or "(no name)" for a in config.adapters]
+    listed = f"; the config lists {len(names)}: {', '.join(names)}"
     errors = []
     if not engine.lora.multi_adapter:
         others = [e for e in registry.engines() if e != engine.name
                   and registry.declaration(e).lora.multi_adapter and registry.supports(e, server.name)]
         instead = f"use actor.backend={' or '.join(others)} or " if others else ""
         errors.append(ConfigError(
-            "actor.backend", engine.name,
-            f"{engine.name} does not train several adapters at once yet (its declaration has no "
-            f"multi_adapter); the config lists {len(names)}: {', '.join(names)}",
+            "actor.backend", engine.name, engine.why_not_multi_adapter() + listed,
             f"{instead}list one adapter under adapters: (train the others in runs of their own)"))
     if not server.lora.multi_adapter:
         others = [s for s in registry.servers() if s != server.name
                   and registry.declaration(s).lora.multi_adapter and registry.supports(engine.name, s)]
         instead = f"use rollout.backend={' or '.join(others)} or " if others else ""
         errors.append(ConfigError(
-            "rollout.backend", server.name,
-            f"{server.name} does not serve several adapters' versions side by side yet (its "
-            f"declaration has no multi_adapter); the config lists {len(names)}: {', '.join(names)}",
+            "rollout.backend", server.name, server.why_not_multi_adapter() + listed,
             f"{instead}list one adapter under adapters: (train the others in runs of their own)"))
     return errors
 

