@@ -92,6 +92,7 @@ bench: venv $(VENV)/.bench-installed
 	OMP_NUM_THREADS=1 $(PY) bench/training_cost.py
 	OMP_NUM_THREADS=1 $(PY) bench/weight_sync.py
 	OMP_NUM_THREADS=1 $(PY) bench/peer_trl.py
+	OMP_NUM_THREADS=1 $(PY) bench/multi_lora.py
 
 # The peer systems the benchmarks compare against (the `bench` extra, pinned in constraints.txt).
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
