@@ -230,6 +230,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Run
 
     errors: list[ConfigError] = []
     tree = OmegaConf.create({})
+    merged_into: set[tuple[int, str]] = set()  # (entry index, key) an override reached into
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -249,7 +250,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Run
             continue
         try:
             if _ADAPTER_OVERRIDE.match(override.split("=", 1)[0]):
-                _apply_adapter_override(tree, override, errors)
+                _apply_adapter_override(tree, override, errors, merged_into)
             else:
                 tree = OmegaConf.merge(tree, OmegaConf.from_dotlist([override]))
         except (OmegaConfBaseException, ValueError) as exc:
@@ -263,7 +264,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Run
             errors.append(ConfigError("adapters", raw_adapters, "expected a list of adapter entries",
                                       "write adapters: as a YAML list, one '- name: ...' entry per adapter"))
         else:
-            filled = [fill_adapter_entry(entry, config, entry_prefix("adapters", raw_adapters, i), errors)
+            filled = [fill_adapter_entry(entry, config, entry_prefix("adapters", raw_adapters, i), errors,
+                                         {key for index, key in merged_into if index == i})
                       for i, entry in enumerate(raw_adapters)]
             config = attrs.evolve(config, adapters=build_list(AdapterConfig, filled, "adapters", errors))
     return config, errors
@@ -279,12 +281,15 @@ def _run_setting(config: RunConfig, path: str) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def fill_adapter_entry(entry: Any, config: RunConfig, prefix: str, errors: list[ConfigError]) -> Any:
+def fill_adapter_entry(entry: Any, config: RunConfig, prefix: str, errors: list[ConfigError],
+                       merged_into: set[str] = frozenset()) -> Any:
     """``entry`` (one raw ``adapters:`` item) with every key it leaves out taken from the run's own
     settings (``ADAPTER_DEFAULTS_FROM``): ``optimizer`` and ``gconfig`` key by key over
-    ``actor.optimizer`` and ``gconfig``, the others whole. ``gconfig.lora_name`` is the entry's
-    name; an entry naming another is refused. An entry that is not a mapping is returned as is
-    (``build`` reports it)."""
+    ``actor.optimizer`` and ``gconfig``, the others whole. A key in ``merged_into`` (one the entry
+    did not set, which an override such as ``adapters.sub.dataset.options.operation=sub`` reached
+    into) is the run's setting with the override's keys merged in. ``gconfig.lora_name`` is the
+    entry's name; an entry naming another is refused. An entry that is not a mapping is returned
+    as is (``build`` reports it)."""
     if not isinstance(entry, dict):
         return entry
     filled = dict(entry)
@@ -301,11 +306,22 @@ def fill_adapter_entry(entry: Any, config: RunConfig, prefix: str, errors: list[
         inherited = _run_setting(config, source)
         if key not in filled:
             filled[key] = inherited
+        elif key in merged_into and isinstance(filled[key], dict) and isinstance(inherited, dict):
+            filled[key] = _merged(inherited, filled[key])
         elif key in ADAPTER_MERGED_KEYS and isinstance(filled[key], dict):
             filled[key] = {**inherited, **filled[key]}
     if isinstance(filled.get("gconfig"), dict) and isinstance(name, str):
         filled["gconfig"] = {**filled["gconfig"], "lora_name": name}
     return filled
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update`` merged in, mappings key by key at every depth."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 #: ``adapters.<name or index>[.<key>...]`` and ``adapters[<index>][.<key>...]``.
@@ -321,9 +337,12 @@ def _adapter_names(tree) -> list:
     return [entry.get("name") if isinstance(entry, dict) else None for entry in adapters]
 
 
-def _apply_adapter_override(tree, override: str, errors: list[ConfigError]) -> None:
+def _apply_adapter_override(tree, override: str, errors: list[ConfigError],
+                            merged_into: set[tuple[int, str]]) -> None:
     """Apply ``adapters.<name>.<key>=value`` (or ``adapters.<i>...``, ``adapters[<i>]...``) to the
-    entry of that name (index) in ``tree``; an unknown name or index is reported."""
+    entry of that name (index) in ``tree``; an unknown name or index is reported. An override
+    below a key the entry does not set (``adapters.sub.dataset.options.x=1``) is added to
+    ``merged_into``, so that the entry's key is the run's setting with it, not that key alone."""
     from omegaconf import OmegaConf
 
     key, raw_value = override.split("=", 1)
@@ -358,6 +377,10 @@ def _apply_adapter_override(tree, override: str, errors: list[ConfigError]) -> N
                                   "write adapters.<name>.<key>=value, e.g. adapters.sub.lora_rank=32"))
         return
     value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw_value}"]), resolve=False)["value"]
+    parts = rest[1:].split(".") if rest else []
+    entry = tree.adapters[index]
+    if len(parts) > 1 and parts[0] in ADAPTER_DEFAULTS_FROM and (not hasattr(entry, "get") or parts[0] not in entry):
+        merged_into.add((index, parts[0]))
     OmegaConf.update(tree, f"adapters[{index}]{rest}", value, merge=True)
 
 

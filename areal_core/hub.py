@@ -6,7 +6,9 @@ directory always wins over a Hub id of the same spelling. An id is resolved with
 ``huggingface_hub.snapshot_download``: from the cache only for ``areal check`` (which never
 downloads weights) and whenever ``HF_HUB_OFFLINE=1``; online, ``areal train`` downloads what
 the cache lacks. What the ranks, the servers and ``config.yaml`` get is the snapshot directory
-(``.../models--org--name/snapshots/<commit>``), which names the commit it holds.
+(``.../models--org--name/snapshots/<commit>``), which names the commit it holds. An ``adapters:``
+entry with a dataset or reward of its own has those keys too (``adapters.<name>.dataset.options.
+tokenizer_path``); an entry that inherits the run's gets the run's resolution with it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from areal_core.errors import ArealError
 
 #: The config keys that name a model directory, in the order they are resolved.
 MODEL_PATH_KEYS = ("actor.path", "dataset.options.tokenizer_path", "reward.options.tokenizer_path")
+#: Those of them an ``adapters:`` entry may set for itself.
+ADAPTER_MODEL_PATH_KEYS = ("dataset.options.tokenizer_path", "reward.options.tokenizer_path")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(@[A-Za-z0-9_.\-/]+)?$")
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
 
@@ -109,10 +113,27 @@ def resolve_model(spec: str, *, download: bool) -> ResolvedModel:
 
 def _lookup(config, key: str):
     section, *rest = key.split(".")
-    node = getattr(config, section)
+    if section == "adapters":  # adapters.<name>.<key>, where a name may hold dots
+        named = [e for e in config.adapters if key.startswith(f"adapters.{e.name}.")]
+        node = max(named, key=lambda e: len(e.name), default=None)
+        rest = key[len(f"adapters.{node.name}."):].split(".") if node is not None else []
+    else:
+        node = getattr(config, section)
     for part in rest:
         node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
     return node
+
+
+def model_path_keys(config, *, inherited: bool = True) -> list[str]:
+    """``MODEL_PATH_KEYS``, then each ``adapters:`` entry's (``adapters.<name>.<key>``); with
+    ``inherited=False`` only those of an entry whose value differs from the run's."""
+    keys = list(MODEL_PATH_KEYS)
+    for entry in getattr(config, "adapters", ()) or ():
+        for key in ADAPTER_MODEL_PATH_KEYS:
+            own = f"adapters.{entry.name}.{key}"
+            if inherited or _lookup(config, own) != _lookup(config, key):
+                keys.append(own)
+    return keys
 
 
 def resolve_model_paths(config, *, download: bool) -> tuple[dict[str, ResolvedModel], list]:
@@ -120,16 +141,21 @@ def resolve_model_paths(config, *, download: bool) -> tuple[dict[str, ResolvedMo
     ``ConfigError`` for each that cannot be resolved. Local directories are left out."""
     from areal_core.errors import ConfigError
 
-    resolved, errors = {}, []
-    for key in MODEL_PATH_KEYS:
+    resolved, errors, by_spec = {}, [], {}
+    for key in model_path_keys(config):
         spec = _lookup(config, key)
         if not isinstance(spec, str) or not spec or Path(spec).expanduser().is_dir():
             continue
         if not looks_like_hub_id(spec):
             continue  # the model-directory checks say what is wrong with it
+        if spec in by_spec:  # an adapter entry's copy of the run's own
+            if by_spec[spec] is not None:
+                resolved[key] = by_spec[spec]
+            continue
         try:
-            resolved[key] = resolve_model(spec, download=download)
+            resolved[key] = by_spec[spec] = resolve_model(spec, download=download)
         except HubResolutionError as exc:
+            by_spec[spec] = None
             errors.append(ConfigError(key, spec, exc.problem, exc.fix))
     return resolved, errors
 
@@ -142,7 +168,7 @@ def path_overrides(resolved: dict[str, ResolvedModel]) -> list[str]:
 def provenance_comment(config) -> str:
     """YAML comment lines naming the Hub model and commit of each model path in a cache snapshot."""
     lines = []
-    for key in MODEL_PATH_KEYS:
+    for key in model_path_keys(config, inherited=False):
         source = snapshot_source(_lookup(config, key) or "")
         if source:
             lines.append(f"# {key}: Hugging Face Hub model {source[0]}, commit {source[1]}\n")

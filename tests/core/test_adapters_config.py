@@ -121,6 +121,17 @@ def test_override_an_entry_by_name(tmp_path):
     assert add.dataset.options == {"seed": 9}
 
 
+def test_an_override_below_an_inherited_key_changes_that_key_of_the_runs_setting(tmp_path):
+    # add inherits the run's dataset: the override changes one option of it, not the whole
+    config, errors = load(tmp_path, ["adapters.add.dataset.options.operation=sub",
+                                     "adapters.sub.dataset.options.operation=sub"])
+    assert not errors
+    add, sub = config.adapters
+    assert add.dataset.name == "arithmetic" and add.dataset.options == {"seed": 5, "operation": "sub"}
+    assert sub.dataset.options == {"operation": "sub"}  # sub's own dataset, without the run's seed
+    assert config.dataset.options == {"seed": 5}
+
+
 def test_override_an_entry_by_index(tmp_path):
     config, errors = load(tmp_path, ["adapters.0.lora_rank=2", "adapters[1].batch_size=5"])
     assert not errors and config.adapters[0].lora_rank == 2 and config.adapters[1].batch_size == 5

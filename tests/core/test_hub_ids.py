@@ -97,3 +97,27 @@ def test_config_yaml_names_the_model_and_commit(hf_home):
     snapshot = resolve_model("tiny-org/tiny", download=False).path
     config, _ = load_config(None, [f"actor.path={snapshot}"])
     assert provenance_comment(config) == f"# actor.path: Hugging Face Hub model tiny-org/tiny, commit {COMMIT}\n"
+
+
+def test_an_adapter_entrys_own_tokenizer_id_is_resolved_and_an_inherited_one_with_the_run(hf_home, tmp_path):
+    from areal_core.config_loader import load_config
+    from areal_core.hub import path_overrides, resolve_model_paths
+
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        "dataset: {name: arithmetic, options: {tokenizer_path: tiny-org/tiny}}\n"
+        "adapters:\n"
+        "  - {name: add}\n"  # the run's dataset
+        "  - {name: sub, dataset: {name: arithmetic, options: {operation: sub, tokenizer_path: tiny-org/tiny@dev}}}\n")
+    config, errors = load_config(config_path)
+    assert not errors
+    resolved, errors = resolve_model_paths(config, download=False)
+    assert not errors
+    config, errors = load_config(config_path, path_overrides(resolved))
+    assert not errors
+    add, sub = config.adapters
+    assert config.dataset.options["tokenizer_path"].endswith(COMMIT)
+    assert add.dataset == config.dataset
+    assert sub.dataset.options["tokenizer_path"].endswith(OTHER_COMMIT) and sub.dataset.options["operation"] == "sub"
+    comment = provenance_comment(config)
+    assert "adapters.sub.dataset.options.tokenizer_path" in comment and "adapters.add." not in comment
