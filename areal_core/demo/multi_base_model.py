@@ -2,7 +2,8 @@
 
 Like ``areal_core.demo.base_model`` (whose builder, cache marker and atomic install it reuses),
 but every supervised batch mixes the tasks of ``operations`` (each example's operation drawn
-uniformly), and each operation has its own bug rate: on that operation's hard prompts
+with probability proportional to its ``operation_weights``), and each operation has its own bug
+rate: on that operation's hard prompts
 (``arithmetic.is_hard``: a carry for add; a borrow or a negative answer for sub) the label is
 ``arithmetic.buggy_answer`` with probability ``bug_rates[i]``. Every operation's held-out pairs
 (``arithmetic.operation_split``, the same ones its dataset evaluates on) are never trained on.
@@ -50,6 +51,12 @@ class MultiTaskRecipe:
     operations: tuple[str, ...] = attrs.field(default=("add", "sub"), converter=_tuple_of_str)
     # share of each operation's hard prompts whose label carries the bug
     bug_rates: tuple[float, ...] = attrs.field(default=(0.6, 0.6), converter=_tuple_of_float)
+    # Subtraction (borrows, and the order and sign of b > a) takes longer to learn than addition,
+    # and when is rounding's to decide: a uniform mix of 4000 steps learnt it on avx512 and avx2
+    # kernels and not on the default ones (greedy 0.26, 16% sampled right on its hard prompts,
+    # final loss 0.29 against 0.17). Two sub examples to one add, over 5000 steps, give it 1.67x
+    # the examples of that mix (and add 1.33x those of `make demo`'s base).
+    operation_weights: tuple[float, ...] = attrs.field(default=(1.0, 2.0), converter=_tuple_of_float)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -58,10 +65,9 @@ class MultiTaskRecipe:
     vocab_size: int = 32
     max_position_embeddings: int = 512
     init_std: float = 0.1
-    # 2000 steps left sub barely learnt (greedy 0.22, the single-adapter GRPO reached 0.44); at 4000
-    # both tasks are learnt with their bugs: greedy add 0.36 / sub 0.30, sampled right on 47% / 38%
-    # of the hard prompts, which GRPO lifts to 0.94 / 0.93 in 40 steps (docs/multi-adapter.md).
-    steps: int = 4000
+    # 2000 steps of a uniform mix left sub barely learnt (greedy 0.22; a single-adapter GRPO run
+    # reached 0.44); see operation_weights for 4000 (docs/demo.md has the figures).
+    steps: int = 5000
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -86,6 +92,11 @@ class MultiTaskRecipe:
             )
         if any(not 0.0 <= rate <= 1.0 for rate in self.bug_rates):
             raise ValueError(f"bug rates are between 0 and 1 (got {list(self.bug_rates)})")
+        if len(self.operation_weights) != len(self.operations) or any(w <= 0 for w in self.operation_weights):
+            raise ValueError(
+                f"operation_weights needs one positive weight per operation ({len(self.operations)}: "
+                f"{list(self.operations)}), got {list(self.operation_weights)}"
+            )
 
     def digest(self) -> str:
         """A short hash of the recipe, its kind and the builder version."""
@@ -111,7 +122,7 @@ def _training_batch(recipe: MultiTaskRecipe, train_pairs: dict, rng: random.Rand
 
     sequences, answer_starts = [], []
     for _ in range(recipe.batch_size):
-        index = rng.randrange(len(recipe.operations))
+        index = rng.choices(range(len(recipe.operations)), weights=recipe.operation_weights)[0]
         operation, bug_rate = recipe.operations[index], recipe.bug_rates[index]
         pairs = train_pairs[operation]
         a, b = pairs[rng.randrange(len(pairs))]
@@ -173,6 +184,13 @@ def build_multi_base_model(out_dir, recipe: MultiTaskRecipe = DEFAULT_MULTI_RECI
     return build_base_model(out_dir, recipe, log=log, train=train_multi_base_model)
 
 
+def _weights(given: str | None, operations: str) -> list[float]:
+    if given is not None:
+        return [float(w) for w in given.split(",") if w.strip()]
+    names = tuple(op.strip() for op in operations.split(",") if op.strip())
+    return list(DEFAULT_MULTI_RECIPE.operation_weights) if names == DEFAULT_MULTI_RECIPE.operations else [1.0] * len(names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m areal_core.demo.multi_base_model",
@@ -189,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated operations the base half-knows")
     parser.add_argument("--bug-rates", default=",".join(map(str, DEFAULT_MULTI_RECIPE.bug_rates)),
                         help="comma-separated bug rate of each operation's hard prompts")
+    parser.add_argument("--operation-weights",
+                        help="comma-separated share of each operation in the training batches (default: "
+                             "the recipe's for its own operations, else equal shares)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.threads < 1:
         parser.error("--steps and --threads must be at least 1")
@@ -197,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             DEFAULT_MULTI_RECIPE, steps=args.steps, seed=args.seed, num_threads=args.threads,
             operations=[op.strip() for op in args.operations.split(",") if op.strip()],
             bug_rates=[float(r) for r in args.bug_rates.split(",") if r.strip()],
+            operation_weights=_weights(args.operation_weights, args.operations),
         )
     except ValueError as exc:
         parser.error(str(exc))

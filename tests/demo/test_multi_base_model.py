@@ -34,9 +34,10 @@ def test_multi_recipe_hash_is_its_own():
     assert DEFAULT_MULTI_RECIPE.digest() == MultiTaskRecipe().digest()
     digests = {DEFAULT_MULTI_RECIPE.digest()}
     for change in ({"bug_rates": (0.6, 0.5)}, {"operations": ("sub", "add")}, {"steps": 10},
-                   {"num_threads": 2}, {"operations": ("add",), "bug_rates": (0.6,)}):
+                   {"num_threads": 2}, {"operations": ("add",), "bug_rates": (0.6,), "operation_weights": (1,)},
+                   {"operation_weights": (1.0, 1.0)}):
         digests.add(attrs.evolve(DEFAULT_MULTI_RECIPE, **change).digest())
-    assert len(digests) == 6
+    assert len(digests) == 7
     assert DEFAULT_MULTI_RECIPE.operations == ("add", "sub")
     assert MultiTaskRecipe(operations=["add", "sub"], bug_rates=[0.6, 0.6]) == DEFAULT_MULTI_RECIPE
 
@@ -46,7 +47,9 @@ def test_multi_recipe_hash_is_its_own():
     ({"operations": ("add", "add")}, "listed twice"),
     ({"bug_rates": (0.6,)}, "one rate per operation"),
     ({"bug_rates": (0.6, 1.5)}, "between 0 and 1"),
-    ({"operations": (), "bug_rates": ()}, "at least one operation"),
+    ({"operations": (), "bug_rates": (), "operation_weights": ()}, "at least one operation"),
+    ({"operation_weights": (1.0,)}, "one positive weight per operation"),
+    ({"operation_weights": (1.0, 0.0)}, "one positive weight per operation"),
 ])
 def test_bad_recipes_are_refused(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -72,7 +75,8 @@ def test_batches_mix_the_tasks_bug_only_hard_prompts_and_skip_held_out_pairs():
                     else arithmetic.apply(a, b, operation))  # add: every hard label bugged; sub: none
         assert answer == arithmetic.answer_ids(expected)
         seen[operation] += 1
-    assert min(seen.values()) > 200
+    # operation_weights (1, 2): sub's share is 2/3, give or take 0.021 (one sd of 512 draws)
+    assert recipe.operation_weights == (1.0, 2.0) and abs(seen["sub"] / 512 - 2 / 3) < 0.07, seen
 
 
 @pytest.mark.slow
