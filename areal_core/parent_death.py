@@ -2,8 +2,9 @@
 
 torchrun starts each rank in a session of its own, the launcher starts torchrun in another, and
 a rank starts grading processes: when a parent is SIGKILLed, its children would run on,
-orphaned. Each asks the kernel for a signal when its parent dies. Elsewhere than Linux this
-does nothing.
+orphaned. Each asks the kernel for a signal when its parent dies. The kernel sends it when the
+parent *thread* that started the child ends, so start such children from a thread that lives as
+long as the process (``grader_pool._Starter``). Elsewhere than Linux this does nothing.
 """
 
 from __future__ import annotations

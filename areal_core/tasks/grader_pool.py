@@ -10,6 +10,7 @@ pair with ``multiprocessing.connection``'s framing. ``call(args, deadline)`` han
 idle process and waits at most ``deadline`` seconds for its answer. A process that overruns is
 killed and a fresh one started in its place; one that dies mid-call is replaced too. Any thread
 may call: each call takes an idle process for itself, waiting for one when every process is busy.
+The processes are started by one long-lived thread (``_Starter``), never by the calling thread.
 
 Outcomes are ``("ok", value)``, ``("timeout", None)`` and ``("error", "what it raised")``. A
 grading function that cannot even be imported is a configuration error: ``call`` raises it.
@@ -101,6 +102,43 @@ class _Process:
         self.connection.close()
 
 
+class _Starter:
+    """Starts the grading processes from one thread that lives as long as the caller's process.
+
+    A grading process asks for SIGKILL when its parent dies (PR_SET_PDEATHSIG), and Linux sends
+    it when the *thread* that started the process ends: one started by a caller's thread that
+    then finishes (a rollout producer replaced after a server restart, one of several threads
+    grading at once) would be killed under a later call, which then failed as "died"."""
+
+    def __init__(self):
+        self._requests: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, grader_path: str) -> _Process:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="grader-starter", daemon=True)
+                self._thread.start()
+        answer: queue.Queue = queue.Queue(maxsize=1)
+        self._requests.put((grader_path, answer))
+        started, value = answer.get()
+        if not started:
+            raise value
+        return value
+
+    def _serve(self) -> None:
+        while True:
+            grader_path, answer = self._requests.get()
+            try:
+                answer.put((True, _Process(grader_path)))
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                answer.put((False, exc))
+
+
+_STARTER = _Starter()
+
+
 class GraderPool:
     """``processes`` grading processes running the function at ``grader_path``, started at the
     first call."""
@@ -116,7 +154,7 @@ class GraderPool:
         atexit.register(self._kill_all)  # a process busy with a hung call would outlive the caller
 
     def _new_process(self) -> _Process:
-        process = _Process(self.grader_path)
+        process = _STARTER.start(self.grader_path)
         self._everyone.add(process)
         return process
 

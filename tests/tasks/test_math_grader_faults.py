@@ -160,3 +160,16 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+def test_a_process_started_by_a_thread_that_ended_still_grades(reward, tokenizer, text_tokenizer_dir):
+    # PR_SET_PDEATHSIG fires when the thread that started a grading process ends: the processes
+    # must not be started by the caller's thread (CI: a hang graded by a process the other,
+    # finished, thread had started was reported as "died" instead of as a timeout).
+    pids = []
+    first = threading.Thread(target=lambda: pids.append(int(grade(reward, tokenizer, text_tokenizer_dir, "pid"))))
+    first.start()
+    first.join()
+    assert grade(reward, tokenizer, text_tokenizer_dir, "hang", timeout_seconds=1.0) == 0.0
+    assert reward.drain_metrics() == {"reward_grader_timeouts": 1, "reward_grader_errors": 0}
+    assert alive(int(grade(reward, tokenizer, text_tokenizer_dir, "pid"))) and pids
