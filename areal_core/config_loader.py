@@ -114,6 +114,40 @@ REFERENCE_NAMES = {
 }
 
 
+_ENTRY_KEY = re.compile(r"^(adapters(?:\.[^.\[\]]+|\[\d+\]))\.(.+)$")
+
+
+def _as_run_key(path: str) -> tuple[str, dict[str, str]]:
+    """The run-level key an ``adapters:`` entry's key stands for, and how to name run keys back in
+    that entry: ``adapters.sub.optimizer.beta1`` -> ``actor.optimizer.beta1`` and
+    ``{"actor.optimizer": "adapters.sub.optimizer", ...}``. Any other path maps to itself.
+
+    An entry key the entry has no field for is tried as an ``actor.*`` key, since an entry's own
+    top-level keys are the adapter's ``actor.*`` settings."""
+    match = _ENTRY_KEY.match(path)
+    if not match:
+        return path, {}
+    entry, rest = match.groups()
+    head, _, tail = rest.partition(".")
+    in_entry = {run: f"{entry}.{key}" for key, run in ADAPTER_DEFAULTS_FROM.items()}
+    if head in ADAPTER_DEFAULTS_FROM:
+        return ADAPTER_DEFAULTS_FROM[head] + (f".{tail}" if tail else ""), in_entry
+    return f"actor.{rest}", in_entry
+
+
+def _name_in_entry(text: str, in_entry: dict[str, str]) -> str:
+    """``text`` with each run key that an entry key overrides renamed to that entry key; a run key
+    no entry key overrides is marked as shared by every adapter."""
+    if not in_entry:
+        return text
+    keys = sorted(in_entry, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w])")
+    renamed = pattern.sub(lambda m: in_entry[m.group(1)], text)
+    if renamed == text and text.startswith("write ") and re.match(r"write [a-z_]+\.", text):
+        return text + " (a setting of the run, shared by every adapter: not a key of an entry)"
+    return renamed
+
+
 def _attrs_item_type(tp: Any) -> type | None:
     """``X`` of ``list[X]`` where ``X`` is an attrs class; None otherwise."""
     if typing.get_origin(tp) is list:
@@ -152,14 +186,15 @@ def build(cls: type, data: Any, prefix: str, errors: list[ConfigError]) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
-        if path in RETIRED_KEYS:
-            problem, fix = RETIRED_KEYS[path]
-            errors.append(ConfigError(path, value, problem, fix))
+        run_key, in_entry = _as_run_key(path)
+        if key not in fields and run_key in RETIRED_KEYS:
+            problem, fix = RETIRED_KEYS[run_key]
+            errors.append(ConfigError(path, value, problem, _name_in_entry(fix, in_entry)))
             continue
         if key not in fields:
-            if path in REFERENCE_NAMES:
+            if run_key in REFERENCE_NAMES:
                 errors.append(ConfigError(path, value, "the reference system's name; not a key here",
-                                          f"write {REFERENCE_NAMES[path]}"))
+                                          _name_in_entry(f"write {REFERENCE_NAMES[run_key]}", in_entry)))
                 continue
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             fix = f"did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else (

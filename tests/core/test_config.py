@@ -127,6 +127,25 @@ def test_moved_and_reference_keys_name_the_key_to_write(old, new):
     assert len(errors) == 1 and errors[0].key == old and new in errors[0].fix
 
 
+ENTRY_REFERENCE_KEYS = [
+    ("optimizer.gradient_clipping", "write adapters.sub.optimizer.grad_clip"),
+    ("optimizer.beta1", "write adapters.sub.optimizer.betas (a pair"),
+    ("group_size", "write adapters.sub.gconfig.n_samples"),
+    ("mb_spec", "write actor.max_tokens_per_microbatch (a setting of the run, shared by every adapter"),
+]
+
+
+@pytest.mark.parametrize("key,fix", ENTRY_REFERENCE_KEYS, ids=[k for k, _ in ENTRY_REFERENCE_KEYS])
+def test_reference_names_inside_an_adapter_entry_name_the_entry_key(tmp_path, key, fix):
+    head, _, tail = key.rpartition(".")
+    entry = f"    {head}:\n      {tail}: 0.5\n" if head else f"    {key}: 0.5\n"
+    path = tmp_path / "run.yaml"
+    path.write_text("adapters:\n  - name: main\n  - name: sub\n" + entry)
+    _, errors = load_config(path)
+    assert [e.key for e in errors] == [f"adapters.sub.{key}"], errors
+    assert errors[0].fix.startswith(fix), errors[0].fix
+
+
 @pytest.mark.parametrize("override,key,words", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_each_bad_value_has_its_clear_error(override, key, words):
     config, load_errors = load_config(None, [override])
