@@ -129,8 +129,10 @@ class Engine(Protocol):
         The engine splits them into micro-batches by its token budget, calls ``loss_fn`` on each,
         back-propagates, makes the gradient that of the sum of all ranks' losses, clips it and
         steps the optimizer, at the rate ``areal_core.lr_schedule.learning_rate`` gives its k-th
-        step (k counts this engine's steps, checkpoint included). Returns at least
-        ``grad_norm``, ``lr`` (the rate of this step) and the summed metrics.
+        step (k counts this engine's steps, checkpoint included). A NaN or infinite gradient
+        norm on any rank skips the update on every rank (weights and optimizer state unchanged;
+        the step still counts). Returns at least ``grad_norm``, ``lr`` (the rate of this step)
+        and the summed metrics, and ``update_skipped`` (1.0 when skipped) where it can skip.
         """
 
     def save_checkpoint(self, directory: str) -> None:

@@ -397,7 +397,7 @@ class GRPOLoop:
         recompute_seconds = time.perf_counter() - timer
         meter = MismatchMeter()
         sums = {key: 0.0 for key in ("loss", *STAT_KEYS)}
-        grad_norms, rates, start = [], [], 0
+        grad_norms, rates, start, skipped = [], [], 0, 0
         for minibatch, share in zip(minibatches, mine):
             scales = sequence_scales([item.num_completion_tokens for item in minibatch], actor.loss_agg_mode,
                                      self.config.gconfig.max_new_tokens)
@@ -414,6 +414,7 @@ class GRPOLoop:
                 sums[key] += result.get(key, 0.0)
             grad_norms.append(result.get("grad_norm"))
             rates.append(result.get("lr"))
+            skipped += int(result.get("update_skipped", 0))
         summed = self.comm.sum({**sums, **meter.sums()})
         largest = self.comm.max({"mismatch_max_abs": meter.max_abs})["mismatch_max_abs"]
         metrics = {"loss": summed["loss"] / n, **objective_metrics(summed, actor.use_decoupled_loss)}
@@ -421,6 +422,7 @@ class GRPOLoop:
         norms = [g for g in grad_norms if g is not None]
         metrics["grad_norm"] = sum(norms) / len(norms) if norms else None  # mean over the minibatches
         metrics["lr"] = rates[0]  # the rate of the step's first optimizer step
+        metrics["updates_skipped"] = skipped  # optimizer steps left out for a non-finite gradient norm
         if proximal is not None or reference is not None:
             metrics["recompute_seconds"] = recompute_seconds
         self._check_learning_rates(rates, step)

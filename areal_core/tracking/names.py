@@ -18,6 +18,7 @@ EXACT = {
     "kl": "train/kl",
     "grad_norm": "train/grad_norm",
     "lr": "train/lr",
+    "updates_skipped": "train/updates_skipped",
     "clip_fraction": "train/clip_fraction",
     "dual_clip_fraction": "train/dual_clip_fraction",
     "ratio_mean": "train/ratio_mean",

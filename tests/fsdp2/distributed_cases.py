@@ -184,6 +184,17 @@ def collective_errors_case(rec: Recorder, path: str) -> None:
     except Exception as exc:
         result["failing_loss"] = f"{type(exc).__name__}: {exc}"
     result["step_after_errors"] = engine.step
+
+    def poisoned_loss(logprobs, indices):  # a NaN on rank 1 only: the summed gradient is NaN everywhere
+        loss = torch.stack([lp.sum() for lp in logprobs]).sum() * 0.1
+        return (loss * float("nan") if engine.rank == 1 else loss), {}
+
+    before = engine.trainable_state()
+    poisoned = engine.train_step(sequences, poisoned_loss)
+    after = engine.trainable_state()
+    result["non_finite"] = {"update_skipped": poisoned["update_skipped"], "grad_norm": poisoned["grad_norm"],
+                            "weights_unchanged": all(torch.equal(before[k], after[k]) for k in before),
+                            "step_counted": engine.step}
     result["metrics_after_errors"] = train(engine, 9, range(1), [2, 2])
     rec.results["collective_errors"] = result
     engine.close()

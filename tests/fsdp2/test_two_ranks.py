@@ -9,6 +9,7 @@ references built here: the Hugging Face base model with the exported adapter loa
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -249,6 +250,15 @@ def test_an_error_on_one_rank_is_raised_on_both(two_rank_run):
         assert "advantage missing" in result["failing_loss"]
         assert result["step_after_errors"] == 0  # the failed step took no optimizer step
         assert result["metrics_after_errors"][0]["update_skipped"] == 0
+
+
+def test_a_non_finite_gradient_skips_the_update_on_every_rank(two_rank_run):
+    for rank in (0, 1):
+        found = two_rank_run.result("collective_errors", rank)["non_finite"]
+        assert found["update_skipped"] == 1 and not math.isfinite(found["grad_norm"])
+        assert found["weights_unchanged"] and found["step_counted"] == 1  # the schedule still advances
+        after = two_rank_run.result("collective_errors", rank)["metrics_after_errors"][0]
+        assert after["update_skipped"] == 0 and math.isfinite(after["grad_norm"])
 
 
 def test_two_ranks_with_half_the_data_update_like_one_rank_with_all(two_rank_run):

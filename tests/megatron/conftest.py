@@ -118,6 +118,7 @@ def _cases(*, conversion: bool, checkpoint_arch: str | None, misuse: bool) -> li
     ]
     if checkpoint_arch:
         cases.append({"name": "checkpoint", "kind": "checkpoint", "args": {"arch": checkpoint_arch}})
+        cases.append({"name": "non_finite", "kind": "non_finite", "args": {"arch": checkpoint_arch}})
     if misuse:
         cases.append({"name": "misuse", "kind": "misuse", "args": {"arch": "qwen2"}})
     return cases

@@ -10,6 +10,7 @@ Each case records what it measured in ``<out>/rank<R>.json`` and, on rank 0, ten
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -207,6 +208,34 @@ def case_misuse(ctx, arch):
     return found
 
 
+def case_non_finite(ctx, arch):
+    """A NaN loss on the last rank only: every rank skips the update, and the next step trains."""
+    engine = build(ctx["models"][arch], ctx["tp"])
+    train_steps(engine, ctx, 1)
+    start, end = my_slice(ctx["rank"], ctx["world"])
+    normal = make_loss_fn(start)
+
+    def poisoned(logprobs, indices):
+        loss, found = normal(logprobs, indices)
+        return (loss * float("nan") if ctx["rank"] == ctx["world"] - 1 else loss), found
+
+    slot = engine.slot(None)
+    weights = {k: v.clone() for k, v in whole_adapter(engine).items()}
+    moments = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+               for p, s in slot.optimizer.state.items()}
+    skipped = engine.train_step(DATA[start:end], poisoned)
+    kept_weights = all(torch.equal(weights[k], v) for k, v in whole_adapter(engine).items())
+    kept_moments = all(torch.equal(moments[id(p)][k], v) for p, s in slot.optimizer.state.items()
+                       for k, v in s.items() if torch.is_tensor(v))
+    steps_counted = slot.steps
+    after = train_steps(engine, ctx, 1)[0]
+    moved = any(not torch.equal(weights[k], v) for k, v in whole_adapter(engine).items())
+    engine.close()
+    return {"update_skipped": skipped["update_skipped"], "grad_norm_finite": math.isfinite(skipped["grad_norm"]),
+            "weights_kept": kept_weights, "moments_kept": kept_moments, "steps_counted": steps_counted,
+            "next_skipped": after["update_skipped"], "next_moved": moved}
+
+
 def case_multi_adapter(ctx):
     from megatron_multi_adapter_cases import case_multi_adapter as run
 
@@ -214,7 +243,8 @@ def case_multi_adapter(ctx):
 
 
 CASES = {"conversion": case_conversion, "train_export": case_train_export,
-         "checkpoint": case_checkpoint, "misuse": case_misuse, "multi_adapter": case_multi_adapter}
+         "checkpoint": case_checkpoint, "misuse": case_misuse, "multi_adapter": case_multi_adapter,
+         "non_finite": case_non_finite}
 
 
 def main(plan_path: str) -> int:

@@ -161,6 +161,16 @@ def test_checkpoint_resume_continues_exactly(layout, request):
     assert "lora_rank=4" in result["mismatch_error"] and "8" in result["mismatch_error"]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_non_finite_gradient_skips_the_update_on_every_rank(layout, request):
+    # The NaN is in the last rank's loss; rank 0 reports, so over TP and DP it arrived by the reductions.
+    found = case(request.getfixturevalue(layout), "non_finite")
+    assert found["update_skipped"] == 1 and not found["grad_norm_finite"]
+    assert found["weights_kept"] and found["moments_kept"]
+    assert found["steps_counted"] == 2  # the schedule still advances, as in the fsdp2 engine
+    assert found["next_skipped"] == 0 and found["next_moved"]
+
+
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]])
 def test_misuse_raises_clear_errors_on_every_rank(layout, request):
     found = case(request.getfixturevalue(layout), "misuse")

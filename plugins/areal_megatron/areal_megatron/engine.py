@@ -207,7 +207,8 @@ class MegatronEngine:
         the sum of every rank's losses (see the module docstring).
 
         Only that adapter's parameters get a gradient; they are clipped on their own (its
-        ``grad_clip``) and stepped by its AdamW at the rate of its own k-th step.
+        ``grad_clip``) and stepped by its AdamW at the rate of its own k-th step. A non-finite
+        gradient norm skips the update (``update_skipped`` 1); the step still counts.
         """
         self._require_optimizer()
         slot = self.slot(adapter)
@@ -241,17 +242,21 @@ class MegatronEngine:
             grads = [upstream[u].to(logprobs[k].device) for k, u in enumerate(group)]
             torch.autograd.backward(logprobs, grads)
         grad_norm = self._reduce_and_clip(params, slot.actor.optimizer.grad_clip)
+        # A NaN or inf anywhere reaches every rank's norm through the all-reduces: every rank
+        # skips together, leaving the weights and AdamW's moments as they were.
+        skipped = not math.isfinite(grad_norm)
         rate = learning_rate(slot.actor.optimizer, slot.steps, total_optimizer_steps(self.config))
         for param_group in slot.optimizer.param_groups:
             param_group["lr"] = rate
-        slot.optimizer.step()
+        if not skipped:
+            slot.optimizer.step()
         for param in params:
             param.grad = None
         slot.steps += 1
         self.steps += 1
         result = {"loss": loss_total, **metrics}
         result.update(grad_norm=grad_norm, lr=float(slot.optimizer.param_groups[0]["lr"]),
-                      num_microbatches=float(len(groups)))
+                      num_microbatches=float(len(groups)), update_skipped=float(skipped))
         return result
 
     # --- export and checkpoints -------------------------------------------------------------
