@@ -29,7 +29,8 @@ from safetensors.torch import save_file  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from areal_core.adapters import adapter_views  # noqa: E402
-from areal_core.config import ActorConfig, AdapterConfig, OptimizerConfig, RunConfig, TrainConfig  # noqa: E402
+from areal_core.config import ActorConfig, RunConfig, TrainConfig  # noqa: E402
+from areal_core.testing.two_adapters import TWO_ADAPTERS  # noqa: E402
 from areal_core.process_exit import exit_now  # noqa: E402
 from areal_core.registry import Registry  # noqa: E402
 
@@ -42,15 +43,8 @@ EVAL_SEQUENCES = {
     1: [[1, 11, 12, 13], [1, 7, 7, 7, 7, 7, 2]],
 }
 MAX_TOKENS = 20
-# A smooth AdamW (large eps, see distributed_cases.SMOOTH_ADAMW) and no weight decay; A decays
-# linearly over its own steps, B stays constant at another rate.
-ADAPTERS = [
-    AdapterConfig(name="alpha", lora_rank=4, lora_alpha=8, target_modules=["all-linear"],
-                  optimizer=OptimizerConfig(lr=1e-2, eps=1e-3, weight_decay=0.0, lr_scheduler_type="linear",
-                                            grad_clip=1.0)),
-    AdapterConfig(name="beta", lora_rank=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"],
-                  optimizer=OptimizerConfig(lr=5e-3, eps=1e-3, weight_decay=0.0, grad_clip=0.5)),
-]
+# A decays linearly over its own steps, B stays constant at another rate (see two_adapters).
+ADAPTERS = list(TWO_ADAPTERS)
 
 
 def make_sequences(seed: int, count: int) -> list[list[int]]:

@@ -20,7 +20,8 @@ import attrs
 import torch
 
 from areal_core.adapters import adapter_views
-from areal_core.config import ActorConfig, AdapterConfig, OptimizerConfig, RunConfig, TrainConfig
+from areal_core.config import ActorConfig, RunConfig, TrainConfig
+from areal_core.testing.two_adapters import TWO_ADAPTERS
 from areal_core.errors import ArealError
 from areal_megatron import plugin
 from areal_megatron.peft_export import gather_adapter
@@ -28,15 +29,8 @@ from megatron_worker import DATA, my_slice
 
 TOTAL_STEPS = 6  # train.steps: the schedule's N
 MICRO = 24
-#: A smooth AdamW (large eps, see megatron_worker.OPTIMIZER) and no weight decay, so a zero
-#: gradient leaves an adapter's every bit; alpha decays linearly over its own steps.
-ADAPTERS = [
-    AdapterConfig(name="alpha", lora_rank=4, lora_alpha=8, target_modules=["all-linear"],
-                  optimizer=OptimizerConfig(lr=1e-2, eps=1e-3, weight_decay=0.0, lr_scheduler_type="linear",
-                                            grad_clip=1.0)),
-    AdapterConfig(name="beta", lora_rank=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"],
-                  optimizer=OptimizerConfig(lr=5e-3, eps=1e-3, weight_decay=0.0, grad_clip=0.5)),
-]
+#: No weight decay, so a zero gradient leaves an adapter's every bit (see two_adapters).
+ADAPTERS = list(TWO_ADAPTERS)
 NAMES = [a.name for a in ADAPTERS]
 #: (adapter, advantage scale) turns: four before the checkpoint, two after.
 TURNS = [("alpha", 1.0), ("beta", 1.0), ("alpha", -0.5), ("beta", 0.7), ("alpha", 0.9), ("beta", -1.1)]
