@@ -143,7 +143,7 @@ def _name_in_entry(text: str, in_entry: dict[str, str]) -> str:
     keys = sorted(in_entry, key=len, reverse=True)
     pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w])")
     renamed = pattern.sub(lambda m: in_entry[m.group(1)], text)
-    if renamed == text and text.startswith("write ") and re.match(r"write [a-z_]+\.", text):
+    if renamed == text and re.match(r"write [a-z_]+\.", text):
         return text + " (a setting of the run, shared by every adapter: not a key of an entry)"
     return renamed
 

@@ -30,9 +30,9 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from areal_core.adapters import adapter_views  # noqa: E402
 from areal_core.config import ActorConfig, RunConfig, TrainConfig  # noqa: E402
-from areal_core.testing.two_adapters import TWO_ADAPTERS  # noqa: E402
 from areal_core.process_exit import exit_now  # noqa: E402
 from areal_core.registry import Registry  # noqa: E402
+from areal_core.testing.two_adapters import TWO_ADAPTERS  # noqa: E402
 
 REGISTRY = Registry()
 BACKEND = "fsdp2"

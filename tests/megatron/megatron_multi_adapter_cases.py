@@ -21,8 +21,8 @@ import torch
 
 from areal_core.adapters import adapter_views
 from areal_core.config import ActorConfig, RunConfig, TrainConfig
-from areal_core.testing.two_adapters import TWO_ADAPTERS
 from areal_core.errors import ArealError
+from areal_core.testing.two_adapters import TWO_ADAPTERS
 from areal_megatron import plugin
 from areal_megatron.peft_export import gather_adapter
 from megatron_worker import DATA, my_slice

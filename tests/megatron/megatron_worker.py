@@ -232,7 +232,8 @@ def case_non_finite(ctx, arch):
     moved = any(not torch.equal(weights[k], v) for k, v in whole_adapter(engine).items())
     engine.close()
     return {"update_skipped": skipped["update_skipped"], "grad_norm_finite": math.isfinite(skipped["grad_norm"]),
-            "weights_kept": kept_weights, "moments_kept": kept_moments, "steps_counted": steps_counted,
+            "weights_kept": kept_weights, "moments_kept": kept_moments, "moments_checked": len(moments),
+            "steps_counted": steps_counted,
             "next_skipped": after["update_skipped"], "next_moved": moved}
 
 
