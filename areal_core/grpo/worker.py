@@ -86,11 +86,9 @@ def _ignore_termination_signals() -> None:
             pass
 
 
-def _seed(seed: int, rank: int) -> None:
-    import torch
-
-    random.seed(seed + rank)
-    torch.manual_seed(seed)
+def _launch_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), known before the process group."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def run_worker(config_path: str, overrides: list[str]) -> dict:
@@ -110,31 +108,37 @@ def run_worker(config_path: str, overrides: list[str]) -> dict:
     from areal_core.tracking import Trackers
 
     config = load_config_or_raise(config_path, overrides)
-    _init_distributed(config)
-    comm = Comm(leader_wait_timeout=leader_wait_timeout(config))
-    _seed(config.train.seed, comm.rank)
+    rank = _launch_rank()
+    random.seed(config.train.seed + rank)
     registry = default_registry()
     run_dir = RunDirectory(config.output_dir)
-    trackers = None
-    if comm.is_leader:
-        run_dir.create()
-        resolved = config_to_dict(config)
-        run_dir.write_config(resolved, header=provenance_comment(config))
-        trackers = Trackers(config.tracking, run_dir.root, resolved, config.resume, say_on_stderr,
-                            adapters=[a.name for a in config.adapters])
-        run_dir.metric_sinks.append(trackers.log)
     # bad data is refused before anything heavy starts
     views = adapter_views(config)
     tasks = {adapter.name: (get_dataset(view.dataset.name, view.dataset.options),
                             get_reward(view.reward.name, view.reward.options)) for adapter, view in views}
 
     actor = config.actor
-    server = starting = engine = None
+    server = starting = engine = trackers = None
     try:
-        if comm.is_leader:  # the servers start while the ranks load, adapt and shard the model
+        if rank == 0:
+            run_dir.create()
+            resolved = config_to_dict(config)
+            run_dir.write_config(resolved, header=provenance_comment(config))
+            # The servers' start is the longest part of a run's start-up: it begins before this
+            # process imports torch and joins the process group, and runs while every rank
+            # loads, adapts and shards the model. Even a half-started server must not outlive
+            # the run: its processes are recorded.
             server = registry.build_rollout_server(config.rollout.backend, config)
-            # even a half-started server must not outlive the run: its processes are recorded
             starting = BackgroundServerStart(server, on_launched=record_launched_servers)
+        _init_distributed(config)
+        comm = Comm(leader_wait_timeout=leader_wait_timeout(config))
+        import torch
+
+        torch.manual_seed(config.train.seed)
+        if comm.is_leader:
+            trackers = Trackers(config.tracking, run_dir.root, resolved, config.resume, say_on_stderr,
+                                adapters=[a.name for a in config.adapters])
+            run_dir.metric_sinks.append(trackers.log)
         engine = registry.build_engine(actor.backend, config)
         engine.load_base_model()
         if config.multi_adapter:  # each adapter its own injection, with its own settings
