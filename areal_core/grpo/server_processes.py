@@ -21,7 +21,7 @@ from pathlib import Path
 RECORD_ENV = "AREAL_SERVER_RECORD"
 
 
-def _stat(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (field 3 onwards), or None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -35,7 +35,7 @@ def _session_leading_children(parent: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        fields = _stat(int(entry.name))
+        fields = stat_fields(int(entry.name))
         # fields[1] is the parent pid, fields[3] the session id
         if fields and int(fields[1]) == parent and int(fields[3]) == int(entry.name):
             leaders.append(int(entry.name))
@@ -72,7 +72,7 @@ def _group_members(group: int) -> list[int]:
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            fields = _stat(int(entry.name))
+            fields = stat_fields(int(entry.name))
             # fields[0] is the state (Z: a zombie, already dead), fields[2] the group, [3] the session
             if fields and fields[0] != "Z" and int(fields[2]) == group and int(fields[3]) == group:
                 members.append(int(entry.name))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from areal_core.grpo.server_processes import stat_fields
 from areal_core.interfaces import SamplingParams
 from areal_vllm import idle_spin
 
@@ -60,18 +61,12 @@ def test_the_cap_reaches_readers_built_before_it_and_leaves_writers_alone(monkey
 
 def _group_cpu_seconds(group: int) -> float:
     """utime + stime of every process in process group ``group`` (the launched server's session)."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended meanwhile
-        if int(fields[2]) == group:  # pgrp, the third field after the name
+        fields = stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[2]) == group:  # fields[2] is the process group, 11 and 12 utime and stime
             total += int(fields[11]) + int(fields[12])
-    return total / ticks
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.server
@@ -86,4 +81,4 @@ def test_an_idle_server_leaves_the_cores_to_the_trainer(vllm_server):
         f"the idle vLLM server used {used:.2f} s of CPU in {elapsed:.2f} s (bound {IDLE_CPU_BOUND_S} s): "
         f"its processes poll instead of sleeping; is {idle_spin.PLUGIN_NAME} applied? "
         f"({vllm_server.log_path})")
-    assert "shared-memory readers poll for" in vllm_server.log_path.read_text()
+    assert idle_spin.APPLIED_MESSAGE.format(seconds=idle_spin.busy_loop_seconds()) in vllm_server.log_path.read_text()

@@ -29,6 +29,8 @@ ENV = "AREAL_VLLM_BUSY_LOOP_S"
 #: that an idle server stops polling at once.
 BUSY_LOOP_S = 0.005
 _MARK = "_areal_busy_loop_s"
+#: The server log's line once the cap is in force (``.format(seconds=...)``).
+APPLIED_MESSAGE = "areal-vllm: shared-memory readers poll for {seconds:g} s after a message, then sleep"
 
 # A child of vLLM's "vllm" logger: its lines reach the server log with the process prefix.
 logger = logging.getLogger("vllm.areal_idle_spin")
@@ -88,6 +90,6 @@ def register() -> None:
             return
         seconds = busy_loop_seconds()
         if apply(seconds):
-            logger.info("areal-vllm: shared-memory readers poll for %g s after a message, then sleep", seconds)
+            logger.info(APPLIED_MESSAGE.format(seconds=seconds))
     except Exception:  # a broken cap must never stop vLLM from serving; say so loudly instead
         logger.exception("areal-vllm: the idle-spin cap could not be applied")
