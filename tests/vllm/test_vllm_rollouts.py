@@ -28,6 +28,7 @@ from areal_core.agreement import GAP_THRESHOLD, flatten
 from areal_vllm.agreement import check_server_agreement
 from areal_vllm.http_client import ServerRequestError, VllmHttp
 from areal_vllm.launcher import ServerStartError
+from areal_vllm import cpu_lora_ops
 from areal_vllm.mixed_batch_fix import APPLIED_MESSAGE
 from areal_vllm.rollout_server import VllmRolloutServer
 
@@ -294,8 +295,10 @@ def test_load_errors_name_the_problem_and_the_live_version_keeps_serving(connect
 
 
 def test_base_and_adapter_requests_in_one_batch_match_their_serial_results(connect, adapters, vllm_server):
-    # our vLLM plugin (entry point vllm.general_plugins) is active in the server's processes
-    assert APPLIED_MESSAGE in vllm_server.log_path.read_text()
+    # our vLLM plugins (entry point vllm.general_plugins) are active in the server's processes:
+    # the fix of index -1, over the grouped LoRA ops
+    log = vllm_server.log_path.read_text()
+    assert APPLIED_MESSAGE in log and cpu_lora_ops.APPLIED_MESSAGE in log
     server = connect("mix", window=2, max_concurrent_requests=16)
     server.load_adapter(exported(adapters("one"), 1), "mix-v1")
     server.load_adapter(exported(adapters("two"), 2), "mix-v2")

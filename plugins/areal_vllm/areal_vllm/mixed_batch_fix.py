@@ -7,8 +7,9 @@ which the ``sgmv_*`` variants call per token) gathers ``lora_weights[indices]``,
 picks the LAST adapter slot. So a base-model request batched with adapter requests silently
 gets an adapter's effect.
 
-The fix wraps those three ops: rows whose index is -1 get zero input (and any valid index), so
-their LoRA contribution is exactly zero, as on CUDA; rows with an adapter are untouched. It is
+The fix wraps those three ops (vLLM's own, or ``cpu_lora_ops``' grouped ones, which read -1 as
+vLLM's do): rows whose index is -1 get zero input (and any valid index), so their LoRA
+contribution is exactly zero, as on CUDA; rows with an adapter are untouched. It is
 applied only on the CPU platform, and only after a tiny probe shows that the installed fallback
 really gives index -1 a non-zero contribution (a vLLM that fixed it upstream is left alone).
 
@@ -32,7 +33,7 @@ _IMPORTERS = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 logger = logging.getLogger("vllm.areal_mixed_batch_fix")
 
 
-def _skipping_no_lora_tokens(op):
+def skipping_no_lora_tokens(op):
     """``op(inputs, lora_weights, output, lora_indices, ...)`` with index -1 rows contributing 0."""
     import torch
 
@@ -59,11 +60,16 @@ def fallback_misreads_no_lora(lora_ops) -> bool:
     return bool(out.abs().sum() > 0)
 
 
+def is_wrapped(op) -> bool:
+    """Whether ``op`` is one of this fix's wrapped ops."""
+    return bool(getattr(op, _MARK, False))
+
+
 def is_applied() -> bool:
     """Whether this process runs the wrapped ops."""
     from vllm.lora.ops.torch_ops import lora_ops
 
-    return all(getattr(getattr(lora_ops, name), _MARK, False) for name in _OPS)
+    return all(is_wrapped(getattr(lora_ops, name)) for name in _OPS)
 
 
 def apply() -> bool:
@@ -75,7 +81,7 @@ def apply() -> bool:
     if is_applied() or not fallback_misreads_no_lora(lora_ops):
         return False
     for name in _OPS:
-        wrapped = _skipping_no_lora_tokens(getattr(lora_ops, name))
+        wrapped = skipping_no_lora_tokens(getattr(lora_ops, name))
         setattr(lora_ops, name, wrapped)  # the sgmv_* ops look these up in lora_ops at call time
         for module_name in _IMPORTERS:
             module = importlib.import_module(module_name)
