@@ -70,6 +70,9 @@ class ActorConfig:
     # fsdp2: keep the adapter (and its AdamW state) whole on every rank instead of sharded, so
     # an export gathers nothing (gradients are all-reduced once per step instead)
     replicate_adapter: bool = False
+    # fsdp2: keep the frozen base weights whole on every rank instead of sharded, so no layer is
+    # all-gathered in the forward and again in the backward (for a base that fits every rank)
+    replicate_base: bool = False
     param_dtype: str = ""  # FSDP2 mixed precision: compute dtype of parameters ("" = as loaded)
     reduce_dtype: str = "float32"  # FSDP2 mixed precision: gradient reduction dtype
     max_tokens_per_microbatch: int = 8192

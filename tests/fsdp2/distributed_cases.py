@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from areal_core.config import ActorConfig, OptimizerConfig, RunConfig, TrainConfig  # noqa: E402
@@ -133,6 +134,9 @@ def export_case(rec: Recorder, case: str, path: str, steps: int, data: str = "",
     rec.save_list(case, "base_logprobs", engine.compute_logprobs(mine, disable_adapter=True))
     result["eval_sequences"] = mine
     result["max_tokens_per_microbatch"] = engine.actor.max_tokens_per_microbatch
+    params = list(engine.model.parameters())
+    result["sharded"] = {"frozen": sum(isinstance(p, DTensor) for p in params if not p.requires_grad),
+                         "trainable": sum(isinstance(p, DTensor) for p in params if p.requires_grad)}
     rec.results[case] = result
     engine.close()
 
@@ -289,6 +293,12 @@ def run(args) -> None:
                     max_tokens_per_microbatch=24, gradient_checkpointing=True, optimizer=SMOOTH_ADAMW)
         export_case(rec, "qwen2_r16_all_replicated", args.qwen2, 3, data="qwen2_r16_all", lora_rank=16,
                     lora_alpha=32, max_tokens_per_microbatch=24, replicate_adapter=True, optimizer=SMOOTH_ADAMW)
+        # The frozen base kept whole on every rank (actor.replicate_base), the adapter sharded or not.
+        export_case(rec, "qwen2_r16_all_whole_base", args.qwen2, 3, data="qwen2_r16_all", lora_rank=16,
+                    lora_alpha=32, max_tokens_per_microbatch=24, replicate_base=True, optimizer=SMOOTH_ADAMW)
+        export_case(rec, "qwen2_r16_all_all_whole", args.qwen2, 3, data="qwen2_r16_all", lora_rank=16,
+                    lora_alpha=32, max_tokens_per_microbatch=24, replicate_base=True, replicate_adapter=True,
+                    optimizer=SMOOTH_ADAMW)
         export_case(rec, "llama_r1_subset", args.llama, 3, lora_rank=1, lora_alpha=3,
                     target_modules=["v_proj", "q_proj", "down_proj"], max_tokens_per_microbatch=20)
         export_case(rec, "qwen2_bf16_base", args.qwen2, 2, lora_rank=8, lora_alpha=16, dtype="bfloat16")

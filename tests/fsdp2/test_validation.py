@@ -131,3 +131,13 @@ def test_engine_limits_are_checked(registry, tmp_path):
         "actor.optimizer.grad_clip",
     ])
     assert all(e.problem for e in errors)
+
+
+def test_a_whole_base_needs_a_frozen_base_in_its_compute_dtype(registry, tmp_path):
+    path = str(model_dir(tmp_path))
+    assert check(registry, path=path, replicate_base=True, replicate_adapter=True) == []
+    message = only_error(check(registry, path=path, replicate_base=True, full_finetune=True), "actor.replicate_base")
+    assert "no frozen base" in message and "replicate_base: false" in message
+    message = only_error(check(registry, path=path, replicate_base=True, param_dtype="bfloat16"),
+                         "actor.replicate_base")
+    assert "not cast" in message and "actor.dtype: bfloat16" in message

@@ -153,7 +153,8 @@ def test_the_engine_refuses_before_touching_process_groups(tiny_qwen2, tmp_path,
     assert not dist.is_initialized()
 
 
-def test_replicate_adapter_is_an_fsdp2_option(tiny_qwen2):
-    found = check_config(run_config(tiny_qwen2, replicate_adapter=True))
-    assert [e.key for e in found] == ["actor.replicate_adapter"]
+@pytest.mark.parametrize("key", ["replicate_adapter", "replicate_base"])
+def test_replicating_the_adapter_or_base_is_an_fsdp2_option(tiny_qwen2, key):
+    found = check_config(run_config(tiny_qwen2, **{key: True}))
+    assert [e.key for e in found] == [f"actor.{key}"]
     assert "fsdp2" in str(found[0])

@@ -39,9 +39,12 @@ def mixed_precision_policy(actor: ActorConfig) -> MixedPrecisionPolicy:
 
 
 def kept_whole(model: torch.nn.Module, layers: list[torch.nn.Module], actor: ActorConfig) -> set:
-    """The parameters FSDP2 leaves unsharded: ``frozen_outside_layers``, and the adapter itself
-    under ``actor.replicate_adapter`` (its gradients are then all-reduced by the engine)."""
+    """The parameters FSDP2 leaves unsharded: ``frozen_outside_layers``; every frozen parameter
+    under ``actor.replicate_base``; and the adapter itself under ``actor.replicate_adapter``
+    (its gradients are then all-reduced by the engine)."""
     whole = frozen_outside_layers(model, layers, actor)
+    if actor.replicate_base and not actor.full_finetune:
+        whole |= {p for p in model.parameters() if not p.requires_grad}
     if actor.replicate_adapter and not actor.full_finetune:
         whole |= {p for p in model.parameters() if p.requires_grad}
     return whole

@@ -28,6 +28,18 @@ def _engine_option_errors(actor: ActorConfig) -> list[ConfigError]:
             "actor.optimizer.grad_clip", actor.optimizer.grad_clip,
             "must be >= 0", "use 0 to disable clipping",
         ))
+    if actor.replicate_base and actor.full_finetune:
+        errors.append(ConfigError(
+            "actor.replicate_base", True, "actor.full_finetune trains the base, so there is no frozen base to keep whole",
+            "set actor.replicate_base: false",
+        ))
+    if actor.replicate_base and actor.param_dtype:
+        errors.append(ConfigError(
+            "actor.replicate_base", True,
+            f"a base kept whole is not cast by FSDP2 mixed precision (actor.param_dtype {actor.param_dtype!r})",
+            f"load the base in that dtype instead (actor.dtype: {actor.param_dtype}, actor.param_dtype: \"\"), "
+            f"or set actor.replicate_base: false",
+        ))
     if actor.tensor_parallel_size != 1:
         errors.append(ConfigError(
             "actor.tensor_parallel_size", actor.tensor_parallel_size,

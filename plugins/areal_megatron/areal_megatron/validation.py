@@ -42,6 +42,10 @@ def check_config(config: RunConfig) -> list[ConfigError]:
         errors.append(ConfigError("actor.replicate_adapter", True,
                                   "the megatron engine places the adapter with its tensor-parallel layout",
                                   "set actor.replicate_adapter: false (it applies to the fsdp2 engine)"))
+    if actor.replicate_base:
+        errors.append(ConfigError("actor.replicate_base", True,
+                                  "the megatron engine places the base with its tensor-parallel layout",
+                                  "set actor.replicate_base: false (it applies to the fsdp2 engine)"))
     # The core's own model-directory findings (identical objects, so `areal check` lists them once).
     model_errors = check_model_dir(config)
     if model_errors:
