@@ -73,6 +73,10 @@ class ActorConfig:
     # fsdp2: keep the frozen base weights whole on every rank instead of sharded, so no layer is
     # all-gathered in the forward and again in the backward (for a base that fits every rank)
     replicate_base: bool = False
+    # CPU: every tensor of 1 MiB or more is its own memory mapping, given back to the system when
+    # freed (areal_core.host_allocator); false keeps glibc's heap reuse: no page faults of fresh
+    # mappings, more resident memory
+    release_freed_tensors: bool = True
     param_dtype: str = ""  # FSDP2 mixed precision: compute dtype of parameters ("" = as loaded)
     reduce_dtype: str = "float32"  # FSDP2 mixed precision: gradient reduction dtype
     max_tokens_per_microbatch: int = 8192

@@ -319,3 +319,13 @@ def test_on_the_cpu_backward_holds_one_gathered_layer_at_a_time(one_rank_engine)
     engine.train_step(SEQUENCES, loss_then_backward)
     assert len(gathered_at_once) == len(layers) and len(layers) > 1
     assert max(gathered_at_once) == 1, gathered_at_once
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_release_freed_tensors_decides_the_allocator_setting(one_rank_engine, monkeypatch, release):
+    import areal_fsdp2.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "return_freed_tensors_to_the_system", lambda: calls.append(1) or True)
+    one_rank_engine(shard=False, release_freed_tensors=release)
+    assert calls == ([1] if release else [])

@@ -154,7 +154,8 @@ def test_the_engine_refuses_before_touching_process_groups(tiny_qwen2, tmp_path,
 
 
 @pytest.mark.parametrize("key", ["replicate_adapter", "replicate_base"])
-def test_replicating_the_adapter_or_base_is_an_fsdp2_option(tiny_qwen2, key):
-    found = check_config(run_config(tiny_qwen2, **{key: True}))
+def test_a_whole_adapter_or_base_is_what_data_parallel_replicas_hold_unless_tensor_parallel(tiny_qwen2, key):
+    assert check_config(run_config(tiny_qwen2, **{key: True})) == []
+    found = check_config(run_config(tiny_qwen2, tensor_parallel_size=2, **{key: True}))
     assert [e.key for e in found] == [f"actor.{key}"]
-    assert "fsdp2" in str(found[0])
+    assert "tensor_parallel_size 2" in str(found[0]) and f"{key}: false" in str(found[0])

@@ -71,7 +71,7 @@ class FSDP2Engine:
         self.config = config
         self.actor: ActorConfig = config.actor
         kind = distributed.device_type(self.actor.device)
-        if kind == "cpu":
+        if kind == "cpu" and self.actor.release_freed_tensors:
             return_freed_tensors_to_the_system()
         self._owns_process_group = distributed.ensure_process_group(kind)
         self.rank = dist.get_rank()

@@ -62,7 +62,8 @@ class MegatronEngine:
         self.cpu_mode = cpu_mode.requested(actor.device)
         if self.cpu_mode:
             cpu_mode.apply()  # refuses where a GPU is present
-            return_freed_tensors_to_the_system()
+            if actor.release_freed_tensors:
+                return_freed_tensors_to_the_system()
         device = resolve_device(actor.device, self.cpu_mode)
         self.layout = init_parallel(actor.tensor_parallel_size, device, config.train.seed)
         self.rank = self.layout.rank

@@ -38,14 +38,17 @@ def check_config(config: RunConfig) -> list[ConfigError]:
         errors.append(ConfigError("actor.device", actor.device,
                                   f"{cpu_mode.ENV_VAR} asks for the CPU workaround but actor.device is cuda",
                                   f"unset {cpu_mode.ENV_VAR} to train on the GPU"))
-    if actor.replicate_adapter:
-        errors.append(ConfigError("actor.replicate_adapter", True,
-                                  "the megatron engine places the adapter with its tensor-parallel layout",
-                                  "set actor.replicate_adapter: false (it applies to the fsdp2 engine)"))
-    if actor.replicate_base:
-        errors.append(ConfigError("actor.replicate_base", True,
-                                  "the megatron engine places the base with its tensor-parallel layout",
-                                  "set actor.replicate_base: false (it applies to the fsdp2 engine)"))
+    # Data-parallel replicas always hold the base and the adapter whole (their gradients are
+    # all-reduced once a step): what these fsdp2 keys ask for, unless tensor parallelism splits them.
+    for key in ("replicate_adapter", "replicate_base"):
+        if getattr(actor, key) and actor.tensor_parallel_size > 1:
+            part = "adapter" if key == "replicate_adapter" else "base"
+            errors.append(ConfigError(
+                f"actor.{key}", True,
+                f"the megatron engine splits the {part} over actor.tensor_parallel_size "
+                f"{actor.tensor_parallel_size} ranks, so no rank holds it whole",
+                f"set actor.{key}: false, or actor.tensor_parallel_size: 1 (its data-parallel ranks "
+                f"always hold the {part} whole)"))
     # The core's own model-directory findings (identical objects, so `areal check` lists them once).
     model_errors = check_model_dir(config)
     if model_errors:
