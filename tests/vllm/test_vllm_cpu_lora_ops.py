@@ -94,9 +94,9 @@ def test_a_wrong_op_is_caught_by_the_comparison():
 @pytest.fixture
 def restored_ops(monkeypatch):
     """vLLM's op modules as they were before the test (apply() replaces their functions)."""
-    for module_name in ("vllm.lora.ops.torch_ops.lora_ops", *cpu_lora_ops._IMPORTERS):
+    for module_name in ("vllm.lora.ops.torch_ops.lora_ops", *cpu_lora_ops.IMPORTERS):
         module = importlib.import_module(module_name)
-        for name in cpu_lora_ops._OPS:
+        for name in cpu_lora_ops.OPS:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, _vllm_op(name))
 
@@ -117,7 +117,7 @@ def test_both_plugins_apply_in_either_order(restored_ops, fix_first):
     assert not cpu_lora_ops.apply() and not mixed_batch_fix.apply()  # once per process
     from vllm.lora.punica_wrapper import punica_cpu
 
-    for name in cpu_lora_ops._OPS:  # the module that imported the ops by name sees the same ones
+    for name in cpu_lora_ops.OPS:  # the module that imported the ops by name sees the same ones
         assert getattr(punica_cpu, name) is getattr(lora_ops, name)
 
 

@@ -20,15 +20,13 @@ name ``areal_cpu_lora_ops``.
 
 from __future__ import annotations
 
-import importlib
 import logging
+
+from areal_vllm.mixed_batch_fix import IMPORTERS, OPS  # the ops both plugins replace
 
 PLUGIN_NAME = "areal_cpu_lora_ops"
 APPLIED_MESSAGE = "areal-vllm: CPU LoRA ops multiply each adapter's tokens in one matmul"
 _MARK = "_areal_grouped_lora_op"
-_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
-#: Modules that bound the ops by name at import time and must see the new ones.
-_IMPORTERS = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 #: The self-check's bound on the relative difference (Frobenius norm) from vLLM's ops, float32.
 #: Both compute sums of at most 64 products in float32 (u = 2^-24 = 6e-8) in different orders:
 #: their difference is a few u times sqrt(64), under 1e-6; a wrong op (another slot, another
@@ -135,7 +133,7 @@ def is_applied() -> bool:
     """Whether this process runs the grouped ops (under ``mixed_batch_fix`` or not)."""
     from vllm.lora.ops.torch_ops import lora_ops
 
-    return all(getattr(_unwrapped(getattr(lora_ops, name)), _MARK, False) for name in _OPS)
+    return all(getattr(_unwrapped(getattr(lora_ops, name)), _MARK, False) for name in OPS)
 
 
 def apply() -> bool:
@@ -148,7 +146,7 @@ def apply() -> bool:
 
     if is_applied():
         return False
-    current = {name: getattr(lora_ops, name) for name in _OPS}
+    current = {name: getattr(lora_ops, name) for name in OPS}
     errors = differences_from({name: _unwrapped(op) for name, op in current.items()})
     wrong = {name: error for name, error in errors.items() if not error <= SELF_CHECK_BOUND}
     if wrong:
@@ -159,11 +157,7 @@ def apply() -> bool:
         grouped = GROUPED[name]
         if mixed_batch_fix.is_wrapped(op):
             grouped = mixed_batch_fix.skipping_no_lora_tokens(grouped)
-        setattr(lora_ops, name, grouped)  # the sgmv_* ops look these up in lora_ops at call time
-        for module_name in _IMPORTERS:
-            module = importlib.import_module(module_name)
-            if hasattr(module, name):
-                setattr(module, name, grouped)
+        mixed_batch_fix.install_op(name, grouped)
     return True
 
 

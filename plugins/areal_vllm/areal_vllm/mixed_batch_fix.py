@@ -25,9 +25,9 @@ import logging
 PLUGIN_NAME = "areal_mixed_batch_fix"
 APPLIED_MESSAGE = "areal-vllm: CPU LoRA fallback now gives tokens without an adapter (index -1) no LoRA"
 _MARK = "_areal_skips_no_lora_tokens"
-_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 #: Modules that bound the ops by name at import time and must see the wrapped ones.
-_IMPORTERS = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
+IMPORTERS = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 
 # A child of vLLM's "vllm" logger: its lines reach the server log with the process prefix.
 logger = logging.getLogger("vllm.areal_mixed_batch_fix")
@@ -69,25 +69,32 @@ def is_applied() -> bool:
     """Whether this process runs the wrapped ops."""
     from vllm.lora.ops.torch_ops import lora_ops
 
-    return all(is_wrapped(getattr(lora_ops, name)) for name in _OPS)
+    return all(is_wrapped(getattr(lora_ops, name)) for name in OPS)
 
 
 def apply() -> bool:
     """Wrap the CPU fallback ops in this process if the bug is present; True when wrapped now."""
-    import importlib
-
     from vllm.lora.ops.torch_ops import lora_ops
 
     if is_applied() or not fallback_misreads_no_lora(lora_ops):
         return False
-    for name in _OPS:
-        wrapped = skipping_no_lora_tokens(getattr(lora_ops, name))
-        setattr(lora_ops, name, wrapped)  # the sgmv_* ops look these up in lora_ops at call time
-        for module_name in _IMPORTERS:
-            module = importlib.import_module(module_name)
-            if hasattr(module, name):
-                setattr(module, name, wrapped)
+    for name in OPS:
+        install_op(name, skipping_no_lora_tokens(getattr(lora_ops, name)))
     return True
+
+
+def install_op(name: str, op) -> None:
+    """``op`` in place of the CPU LoRA op ``name`` in this process: in ``lora_ops`` (the sgmv_*
+    ops look it up there at call time) and in the modules that imported it by name."""
+    import importlib
+
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    setattr(lora_ops, name, op)
+    for module_name in IMPORTERS:
+        module = importlib.import_module(module_name)
+        if hasattr(module, name):
+            setattr(module, name, op)
 
 
 def register() -> None:
