@@ -523,7 +523,9 @@ class GRPOLoop:
         self.in_flight = record
         record.update(self.export_and_publish(self.version + 1, step))
         record["version"] = self.version  # newer than exported after a server recovery
-        self.in_flight = None
+        # Until it is written: a stop while this version's check or an evaluation is awaited
+        # checkpoints this step, and writes this record first.
+        self.in_flight, self.unwritten = None, record
         if self.recovery is not None:
             record["server_recoveries"] = self.recovery.recoveries
         if "dropped_groups" in payload:
@@ -542,8 +544,7 @@ class GRPOLoop:
         if not (self._eval_due(step) or checkpoint):
             record["step_seconds"] = time.time() - started
             record["finished_at"] = time.time()
-            self.unwritten = record
-            return False
+            return False  # written at the start of the next step, with this version's verdict
         # An evaluation, a checkpoint and the end of the run need the verdict of this version.
         outcome = self.resolve_agreement(step + 1)
         record.update(outcome["metrics"])

@@ -12,6 +12,7 @@ from areal_core.grpo.comm import Comm
 from areal_core.grpo.loop import AgreementStopped, GRPOLoop
 from areal_core.grpo.publisher import AdapterPublisher
 from areal_core.grpo.run_dir import RunDirectory
+from areal_core.grpo.server_recovery import ServerLostError
 from areal_core.registry import Registry
 
 from .standins import CountingDataset, StandInEngine, StandInPlugin, StandInServer, first_token_is_five
@@ -172,3 +173,31 @@ def test_resume_continues_steps_and_versions_and_matches_a_straight_run(tmp_path
     assert versions == [0, 1, 2, 5, 6] and server_b.seen_names[0] == "lora-v4"
     assert (run_dir.checkpoints / "latest").read_text().strip() == "step-000004"
     assert torch.allclose(engine_a.theta, engine_b.theta, atol=1e-6, rtol=0)
+
+
+class LosesItsServerDuringACheck(StandInServer):
+    """The agreement check of one version finds the server gone for good (past its restarts)."""
+
+    def __init__(self, lost_at: str):
+        super().__init__()
+        self.lost_at = lost_at
+
+    def prompt_logprobs(self, token_ids, *, lora_name):
+        if lora_name == self.lost_at:
+            raise ServerLostError(f"the server went away during the check of {lora_name}")
+        return super().prompt_logprobs(token_ids, lora_name=lora_name)
+
+
+@pytest.mark.parametrize("eval_every", [0, 3])
+def test_a_stop_while_a_step_waits_for_its_check_keeps_that_steps_record_with_its_checkpoint(tmp_path, eval_every):
+    """Step 3 trained and published version 3; the server is lost while version 3 is checked.
+    The checkpoint of step 3 is written, so its record must be too: a resume continues after it."""
+    overrides = {"train.steps": 5, "train.eval_every": eval_every, "train.checkpoint_every": 1}
+    loop, _, _, run_dir = make_loop(tmp_path, server=LosesItsServerDuringACheck("lora-v3"), **overrides)
+    with pytest.raises(ServerLostError, match="a checkpoint of step 3 .* is written"):
+        loop.run()
+    assert (run_dir.checkpoints / "latest").read_text().strip() == "step-000003"
+    assert [r["step"] for r in run_dir.read_metrics()] == [0, 1, 2, 3]
+    resumed, _, _, _ = make_loop(tmp_path, **overrides, resume="true")
+    resumed.run()
+    assert [r["step"] for r in run_dir.read_metrics()] == [0, 1, 2, 3, 4, 5]
