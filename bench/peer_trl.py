@@ -38,7 +38,11 @@ second over the whole GRPO step (generation, training, weight sync), i.e. the ti
 samples over the wall time from the first timed step's start to the last one's end (from
 areal's metrics.jsonl, less the last step's final evaluation; from TRL's step callbacks).
 Neither evaluates in between (areal evaluates 16 prompts before the first and after the last
-step; TRL never).
+step; TRL never). TRL runs twice: as mapped above (one forward of all 128 completions), and
+micro-batched as areal is (``gradient_accumulation_steps=4`` and ``steps_per_generation=4`` of
+32 completions: still one generation and one optimizer step a batch, the loss normalised over
+the whole batch's completion tokens), the like-for-like figure
+``peer_genheavy_samples_per_s_ratio_trl_microbatched``.
 
 Figures:
 - (a) in-loop wall time of the 40 steps;
@@ -78,6 +82,10 @@ GENHEAVY_LORA_RANK, GENHEAVY_LORA_ALPHA = 16, 32
 GENHEAVY_WARMUP, GENHEAVY_STEPS = 1, 5
 GENHEAVY_MAX_MODEL_LEN = 192  # the longest arithmetic prompt (7 tokens) + 128, with room
 GENHEAVY_EVAL_SIZE = 16  # areal's evaluations before the first and after the last step
+# TRL micro-batched as areal is: areal's demo config trains at most 2048 tokens a micro-batch,
+# 15 of the 135-token sequences on each of its 2 ranks, so about 30 in flight; TRL with 4
+# gradient-accumulation steps of 32 (one generation of all 128, one optimizer step) is the same.
+GENHEAVY_TRL_ACCUMULATE = 4
 
 
 def run_areal(seed: int, work: Path) -> dict:
@@ -177,15 +185,15 @@ def run_areal_genheavy(seed: int, work: Path, model: Path, timed: int) -> dict:
     return figure
 
 
-def run_trl_genheavy(seed: int, work: Path, model: Path, timed: int) -> dict:
+def run_trl_genheavy(seed: int, work: Path, model: Path, timed: int, accumulate: int = 1) -> dict:
     command = [sys.executable, str(ROOT / "bench" / "peer_trl_run.py"), "--model", str(model), "--seed", str(seed),
                "--steps", str(GENHEAVY_WARMUP + timed), "--eval-every", "0", "--prompts", str(GENHEAVY_PROMPTS),
                "--samples", str(GENHEAVY_SAMPLES), "--new-tokens", str(GENHEAVY_TOKENS), "--ignore-eos",
                "--lora-rank", str(GENHEAVY_LORA_RANK), "--lora-alpha", str(GENHEAVY_LORA_ALPHA),
-               "--work", str(work / f"trl-genheavy-{seed}")]
+               "--accumulate", str(accumulate), "--work", str(work / f"trl-genheavy-{seed}-x{accumulate}")]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-    (work / f"trl-genheavy-{seed}.log").write_text(result.stdout + result.stderr)
+    (work / f"trl-genheavy-{seed}-x{accumulate}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise SystemExit(f"the TRL generation-heavy run failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     steps = [e for e in (json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"event"'))
@@ -244,29 +252,32 @@ def demo_figures(seeds: list[int], work: Path) -> tuple[dict, str]:
 def genheavy_figures(seeds: list[int], work: Path, timed: int) -> tuple[dict, str]:
     """(b): ``peer_genheavy_samples_per_s_ratio`` and its table rows."""
     model = cached_model("qwen2-30m", QWEN2_30M)
-    runs: dict[str, list[dict]] = {"areal": [], "trl": []}
+    runs: dict[str, list[dict]] = {"areal": [], "trl": [], "trl_microbatched": []}
     for seed in seeds:  # alternated, as the demo's
         runs["areal"].append(run_areal_genheavy(seed, work, model, timed))
         runs["trl"].append(run_trl_genheavy(seed, work, model, timed))
+        runs["trl_microbatched"].append(run_trl_genheavy(seed, work, model, timed, GENHEAVY_TRL_ACCUMULATE))
     figures = {system: {"samples_per_second": median([r["samples_per_second"] for r in results]),
                         "step_seconds_median": median([s for r in results for s in r["step_seconds"]]),
                         "runs": results}
                for system, results in runs.items()}
-    a, t = figures["areal"], figures["trl"]
+    a, t, m = figures["areal"], figures["trl"], figures["trl_microbatched"]
     data = {
         "peer_genheavy_samples_per_s_ratio": a["samples_per_second"] / t["samples_per_second"],
+        "peer_genheavy_samples_per_s_ratio_trl_microbatched": a["samples_per_second"] / m["samples_per_second"],
         "genheavy": {"seeds": seeds, "warmup_steps": GENHEAVY_WARMUP, "timed_steps": timed,
                      "prompts": GENHEAVY_PROMPTS, "samples": GENHEAVY_SAMPLES, "new_tokens": GENHEAVY_TOKENS,
                      "lora_rank": GENHEAVY_LORA_RANK, "lora_alpha": GENHEAVY_LORA_ALPHA,
+                     "trl_microbatched_accumulation_steps": GENHEAVY_TRL_ACCUMULATE,
                      "model_shape": QWEN2_30M, "parameters": parameter_count(QWEN2_30M),
                      "figures": figures, "machine": machine()},
     }
     label = f"generation-heavy, median of {len(seeds)} seeds, {timed} steps after {GENHEAVY_WARMUP} warm-up"
-    rows = [["samples per second over the GRPO step", a["samples_per_second"], t["samples_per_second"],
-             a["samples_per_second"] / t["samples_per_second"]],
-            ["median step (s): generation + training + sync", a["step_seconds_median"], t["step_seconds_median"],
-             a["step_seconds_median"] / t["step_seconds_median"]]]
-    return data, markdown_table([label, "areal", "TRL", "areal / TRL"], rows)
+    rows = [[figure, a[key], t[key], a[key] / t[key], m[key], a[key] / m[key]]
+            for figure, key in (("samples per second over the GRPO step", "samples_per_second"),
+                                ("median step (s): generation + training + sync", "step_seconds_median"))]
+    micro = f"TRL, {GENHEAVY_TRL_ACCUMULATE} micro-batches"
+    return data, markdown_table([label, "areal", "TRL", "areal / TRL", micro, f"areal / ({micro})"], rows)
 
 
 GOALS = {"peer_demo_loop_ratio": "<= 1.0", "peer_demo_time_to_090_ratio": "<= 1.0",

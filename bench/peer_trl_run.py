@@ -43,6 +43,9 @@ def main() -> int:
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--ignore-eos", action="store_true", help="generate --new-tokens always")
     parser.add_argument("--work", required=True)
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="split each batch's training into this many gradient-accumulation steps "
+                             "(TRL's micro-batches; one generation and one optimizer step a batch still)")
     args = parser.parse_args()
 
     import torch
@@ -115,11 +118,16 @@ def main() -> int:
             if args.eval_every and (state.global_step % args.eval_every == 0 or state.global_step == args.steps):
                 self._eval(state.global_step, model)
 
+    if args.accumulate < 1 or (args.prompts * args.samples) % args.accumulate:
+        raise SystemExit(f"--accumulate {args.accumulate} must divide the batch's "
+                         f"{args.prompts * args.samples} completions")
     config = GRPOConfig(
         output_dir=args.work,
-        per_device_train_batch_size=args.prompts * args.samples,  # TRL counts completions
+        # TRL counts completions; a generation is per_device_train_batch_size x steps_per_generation
+        per_device_train_batch_size=args.prompts * args.samples // args.accumulate,
+        gradient_accumulation_steps=args.accumulate,
+        steps_per_generation=args.accumulate,
         num_generations=args.samples,
-        steps_per_generation=1,
         num_iterations=1,
         beta=0.0,
         epsilon=0.2,
